@@ -1,0 +1,33 @@
+"""Optional dependencies are checked in ONE place (house style rule 4).
+
+``require("triton", extra="kernels")`` returns the module or raises a clear ``MissingExtraError``
+naming the pip extra; ``has("triton")`` answers without raising. Importing the package never fails
+because an optional backend is absent.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from types import ModuleType
+
+
+class MissingExtraError(ImportError):
+    """An optional backend is not installed; the message names the extra that brings it."""
+
+
+def has(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require(module: str, *, extra: str, purpose: str = "") -> ModuleType:
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:  # pragma: no cover - message path tested via has()
+        what = f" for {purpose}" if purpose else ""
+        raise MissingExtraError(
+            f"'{module}' is needed{what} but is not installed: pip install 'moe2edge[{extra}]'"
+        ) from e
