@@ -23,21 +23,6 @@ class DemoResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-def installed_descriptions(status_file: str | Path = "/var/lib/dpkg/status", limit: int = 400) -> list[tuple[str, str]]:
-    """(short, long) descriptions of the packages installed here: real text on any Debian machine."""
-    from moe2edge.data.debian import iter_stanzas, split_description
-
-    pairs, seen = [], set()
-    text = Path(status_file).read_text(encoding="utf-8", errors="replace")
-    for para in iter_stanzas(text):
-        short, long = split_description(para.get("Description", ""))
-        if short and len(long) > 40 and long not in seen:
-            seen.add(long)
-            pairs.append((short, long))
-    pairs.sort()
-    return pairs[:limit]
-
-
 def _top1(q, d) -> float:
     """Fraction of queries whose own document is the nearest (embeddings are unit-norm)."""
     import numpy as np
@@ -48,6 +33,7 @@ def _top1(q, d) -> float:
 def run_demo(out_dir: str | Path = "runs/demo", *, threads: int | None = None) -> DemoResult:
     import torch
 
+    from moe2edge.data.installed import installed_descriptions
     from moe2edge.teacher import expert_load, load_embedder, minilm_path, upcycle
     from moe2edge.teacher.embedder import Embedder
 

@@ -556,3 +556,62 @@ def build_debian(*, lists_dir: str | Path, out_dir: str | Path, benchmark_dir: s
     write_atomic(bench_dir / "manifest.json", data)
     write_atomic(out_dir / "manifest.json", data)
     return manifest
+
+
+# ------------------------------------------------------------------------------------ fixture
+
+
+def _stanza_text(st: dict[str, str], fields: tuple[str, ...]) -> str:
+    return "".join(f"{k}: {st[k]}\n" for k in fields if k in st)
+
+
+def make_fixture_lists(lists_dir: str | Path, out_dir: str | Path, *, n_sources: int = 24, seed: int = 13,
+                       langs: tuple[str, ...] = ("en", "de", "fr", "ja")) -> list[Path]:
+    """Cut a small gzipped lists dir out of a full one, for offline tests (tens of KB).
+
+    Keeps ``n_sources`` source packages with short texts and de+fr translations (all their binary
+    packages, so -dev/-doc siblings stay together), plus four templated Rust crates (near-duplicate
+    text from different sources) and writes a plain ``Release`` whose SHA256 table matches.
+    """
+    lists_dir, out_dir = Path(lists_dir), Path(out_dir)
+    release, packages_path, trans_paths = _list_files(lists_dir, "bookworm")
+    info, _ = _release_info(release)
+    pk = [st for st in iter_stanzas(read_list_bytes(packages_path).decode("utf-8")) if "Description-md5" in st]
+    tr = {lang: [st for st in iter_stanzas(read_list_bytes(trans_paths[lang]).decode("utf-8")) if "Description-md5" in st]
+          for lang in langs}
+    by_lang_md5 = {lang: {st["Description-md5"] for st in sts} for lang, sts in tr.items()}
+    en_len = {st["Description-md5"]: len(st.get("Description-en", "")) for st in tr["en"]}
+    by_src: dict[str, list[dict]] = defaultdict(list)
+    for st in pk:
+        by_src[st.get("Source", st["Package"]).split(" ")[0]].append(st)
+    good = [s for s, sts in by_src.items()
+            if all(120 < en_len.get(st.get("Description-md5"), 0) < 600 for st in sts) and len(sts) <= 3
+            and any(st.get("Description-md5") in by_lang_md5["de"] and st.get("Description-md5") in by_lang_md5["fr"]
+                    for st in sts)]
+    rust = sorted(s for s, sts in by_src.items() if s.startswith("rust-") and len(sts) == 1
+                  and 120 < en_len.get(sts[0].get("Description-md5"), 0) < 600)
+    keep = sorted(good, key=lambda s: _rank(seed, s))[:n_sources] + sorted(rust, key=lambda s: _rank(seed, s))[:4]
+    stanzas = sorted((st for s in keep for st in by_src[s]), key=lambda st: st["Package"])
+    md5s = {st["Description-md5"] for st in stanzas}
+    texts = {"main/binary-amd64/Packages": "\n".join(
+        _stanza_text(st, ("Package", "Source", "Description", "Description-md5")) for st in stanzas)}
+    for lang in langs:
+        rows = sorted((st for st in tr[lang] if st["Description-md5"] in md5s), key=lambda st: st["Package"])
+        texts[f"main/i18n/Translation-{lang}"] = "\n".join(
+            _stanza_text(st, ("Package", "Description-md5", f"Description-{lang}")) for st in rows)
+    prefix = "fixture_debian_dists_bookworm_"
+    files = []
+    sha_lines = []
+    for rel, text in texts.items():
+        data = text.encode("utf-8")
+        sha_lines.append(f" {hashlib.sha256(data).hexdigest()} {len(data)} {rel}")
+        buf = io.BytesIO()
+        with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=9) as f:
+            f.write(data)
+        path = out_dir / (prefix + rel.replace("/", "_") + ".gz")
+        write_atomic(path, buf.getvalue())
+        files.append(path)
+    head = "".join(f"{k}: {info[k]}\n" for k in ("Origin", "Suite", "Codename", "Version", "Date") if k in info)
+    rel_path = out_dir / (prefix + "Release")
+    write_atomic(rel_path, (head + "SHA256:\n" + "\n".join(sha_lines) + "\n").encode())
+    return [rel_path, *files]

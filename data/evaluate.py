@@ -102,10 +102,43 @@ def _result(model_info: dict, ds: RetrievalDataset, qids, run, warnings, timings
     }
 
 
+def _num_parameters(model):
+    if getattr(model, "num_parameters", None) is not None:
+        return int(model.num_parameters)
+    inner = getattr(model, "model", None)  # e.g. moe2edge.teacher.Embedder wraps an nn.Module
+    if inner is not None and hasattr(inner, "parameters"):
+        return int(sum(p.numel() for p in inner.parameters()))
+    return None
+
+
 def model_info(model, kind: str) -> dict:
-    return {"name": getattr(model, "name", type(model).__name__), "kind": kind,
-            "params": getattr(model, "num_parameters", None), "size_bytes": getattr(model, "artifact_bytes", None),
-            "dim": getattr(model, "dim", None)}
+    """Name, kind, parameter count, artifact size (bytes) and embedding dim, where the model exposes them."""
+    dim = getattr(model, "dim", None)
+    return {"name": getattr(model, "name", type(model).__name__), "kind": kind, "params": _num_parameters(model),
+            "size_bytes": getattr(model, "artifact_bytes", None), "dim": dim if isinstance(dim, int) else None}
+
+
+def token_counter(model):
+    """``text -> number of tokens the model feeds`` from the model's own tokenizer, or None.
+
+    Accepts ``model.count_tokens(str) -> int``, ``model.count_tokens(list) -> list`` or
+    ``model.tokenizer.count_tokens(list) -> list`` (``moe2edge.teacher.Embedder``).
+    """
+    for owner in (model, getattr(model, "tokenizer", None)):
+        fn = getattr(owner, "count_tokens", None)
+        if callable(fn):
+            def count(text, fn=fn):
+                try:
+                    n = fn(text)
+                except TypeError:
+                    n = fn([text])
+                return int(n[0] if isinstance(n, (list, tuple)) else n)
+            try:
+                count("probe")
+            except Exception:  # noqa: BLE001 - a tokenizer we cannot drive: fall back to word counts
+                continue
+            return count
+    return None
 
 
 # ------------------------------------------------------------------------------- evaluations
@@ -217,27 +250,29 @@ def teacher_agreement(student, teacher, ds: RetrievalDataset, *, batch_size: int
 
 def texts_of_n_tokens(count_tokens, n_tokens: int, n_texts: int) -> list[str]:
     """``n_texts`` distinct texts that the model's own tokenizer counts as exactly ``n_tokens``
-    (specials included), grown one filler word at a time; words that would overshoot are skipped.
-    Without a tokenizer (``count_tokens`` None) a text of ``n_tokens`` words is returned, which
-    any subword tokenizer turns into >= ``n_tokens`` tokens (truncated by the model)."""
+    (specials included), grown one filler word at a time; a word that would overshoot is skipped.
+
+    Without a tokenizer (``count_tokens`` None) each text is ``n_tokens`` words, which any subword
+    tokenizer turns into at least ``n_tokens`` tokens (so the model runs on its truncation length).
+    """
     texts = []
     for i in range(n_texts):
-        words = [f"item{i}"] if count_tokens is None else []
+        words = [f"item{i}"]
         if count_tokens is None:
-            words += [_FILLER[j % len(_FILLER)] for j in range(n_tokens - 1)]
-            texts.append(" ".join(words))
+            texts.append(" ".join(words + [_FILLER[j % len(_FILLER)] for j in range(n_tokens - 1)]))
             continue
-        j = i
-        while True:
-            cand = " ".join(words + [_FILLER[j % len(_FILLER)]])
-            c = count_tokens(cand)
-            if c <= n_tokens:
-                words.append(_FILLER[j % len(_FILLER)])
-                if c == n_tokens:
-                    break
-            elif all(count_tokens(" ".join(words + [w])) > n_tokens for w in _FILLER):
-                raise ValueError(f"cannot build a text of exactly {n_tokens} tokens")
+        if count_tokens(words[0]) > n_tokens:
+            raise ValueError(f"cannot build a text of exactly {n_tokens} tokens")
+        j, misses = i, 0
+        while count_tokens(" ".join(words)) < n_tokens:
+            cand = words + [_FILLER[j % len(_FILLER)]]
             j += 1
+            if count_tokens(" ".join(cand)) <= n_tokens:
+                words, misses = cand, 0
+            else:
+                misses += 1
+            if misses > len(_FILLER) or len(words) > 4 * n_tokens:  # tokenizer truncates below n_tokens
+                raise ValueError(f"cannot build a text of exactly {n_tokens} tokens with this tokenizer")
         texts.append(" ".join(words))
     return texts
 
@@ -247,7 +282,8 @@ def _percentiles(ms: list[float]) -> dict:
     return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)), "n": len(ms)}
 
 
-def _set_threads(model, n: int) -> None:
+def set_threads(model, n: int) -> None:
+    """Thread count for the model's compute: ``model.set_num_threads`` if it has one, else torch's."""
     if hasattr(model, "set_num_threads"):
         model.set_num_threads(n)
     else:
@@ -258,24 +294,26 @@ def _set_threads(model, n: int) -> None:
 
 def measure_latency(model, *, seq_len: int = 128, batch_sizes=(1, 32), threads=None, repeats: dict | None = None,
                     warmup: int = 2) -> dict:
-    """p50/p95 ms per ``encode`` call (query prompt) of a batch of ``seq_len``-token texts.
+    """p50/p95 ms per ``encode`` call of a batch of ``seq_len``-token texts (no prompt, so the
+    token count the model's tokenizer reports is what the model runs on).
 
     ``threads`` defaults to (1, os.cpu_count()); ``repeats`` maps batch size to timed calls
     (default 20 at batch 1, 5 at batch 32). BM25 is timed as search (tokenise + score) per batch.
     """
-    threads = threads or sorted({1, os.cpu_count() or 1})
-    repeats = repeats or {1: 20, 32: 5}
     is_bm25 = hasattr(model, "search")
-    count = getattr(model, "count_tokens", None)
+    # bm25s search runs single-threaded here (n_threads=1), so only one thread count is meaningful
+    threads = threads or ([1] if is_bm25 else sorted({1, os.cpu_count() or 1}))
+    repeats = repeats or {1: 20, 32: 5}
+    count = None if is_bm25 else token_counter(model)
     texts = texts_of_n_tokens(count, seq_len, max(batch_sizes))
     out = {"seq_len": seq_len, "tokens_exact": count is not None, "unit": "ms per batch"}
     for n in threads:
         if not is_bm25:
-            _set_threads(model, n)
+            set_threads(model, n)
         row = {}
         for bs in batch_sizes:
             batch = texts[:bs]
-            call = (lambda: model.search(batch, 10)) if is_bm25 else (lambda: model.encode(batch, prompt="search_query", batch_size=bs))
+            call = (lambda: model.search(batch, 10)) if is_bm25 else (lambda: model.encode(batch, batch_size=bs))
             for _ in range(warmup):
                 call()
             ms = []
@@ -288,7 +326,7 @@ def measure_latency(model, *, seq_len: int = 128, batch_sizes=(1, 32), threads=N
                      row[f"batch={bs}"]["p50_ms"])
         out[f"threads={n}"] = row
     if not is_bm25:
-        _set_threads(model, threads[0])
+        set_threads(model, threads[0])
     return out
 
 

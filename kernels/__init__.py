@@ -91,8 +91,13 @@ def expert_counts(experts: torch.Tensor, num_experts: int) -> torch.Tensor:
     return expert_counts_ref(experts, num_experts)
 
 
-def moe_mlp(x, weights, experts, w1, w2):
-    """Routed expert MLPs without the shared bias. See :func:`moe_mlp_ref` for the exact math."""
+def moe_mlp(x, weights, experts, w1, w2, b1=None):
+    """Routed expert MLPs without the shared bias. See :func:`moe_mlp_ref` for the exact math.
+
+    ``b1`` (optional per-expert fc1 bias, an upcycling extension) is served by the reference only.
+    """
+    if b1 is not None:
+        return moe_mlp_ref(x, weights, experts, w1, w2, b1)
     if _use_fused(x):
         from .triton_moe import moe_mlp_triton
 

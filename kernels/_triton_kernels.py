@@ -24,8 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-_SQRT1_2 = 0.7071067811865476  # 1/sqrt(2): exact erf GELU (spec section 1: tanh-GELU differs ~5e-4)
-_INV_SQRT_2PI = 0.3989422804014327  # 1/sqrt(2*pi), for GELU's derivative
+_SQRT1_2 = tl.constexpr(0.7071067811865476)  # 1/sqrt(2): exact erf GELU (spec section 1: tanh-GELU differs ~5e-4)
+_INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1/sqrt(2*pi), for GELU's derivative
 
 
 # ----------------------------------------------------------------------------------------- routing

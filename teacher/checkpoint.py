@@ -331,8 +331,11 @@ def st_side_files(cfg: TeacherConfig) -> dict[str, dict | list]:
 
 
 def save_pretrained(model: NomicMoE, path: str | Path, *, tokenizer_dir: str | Path | None = None,
-                    extra_files: dict[str, dict] | None = None) -> Path:
-    """Write the folder atomically: it appears complete or not at all (an old one stays on error)."""
+                    extra_files: dict[str, dict] | None = None, before_commit=None) -> Path:
+    """Write the folder atomically: it appears complete or not at all (an old one stays on error).
+
+    ``before_commit(tmp_dir)`` may add files (e.g. trainer state) that must land in the same rename.
+    """
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -345,13 +348,13 @@ def save_pretrained(model: NomicMoE, path: str | Path, *, tokenizer_dir: str | P
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
         if tokenizer_dir is not None:
-            copied = 0
             for name in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / name).exists():
                     shutil.copy2(Path(tokenizer_dir) / name, tmp / name)
-                    copied += 1
             if not (tmp / "tokenizer.json").exists():
                 raise CheckpointError(f"{tokenizer_dir}: no tokenizer.json to copy")
+        if before_commit is not None:
+            before_commit(tmp)
     log.info("saved %s", path)
     return path
 

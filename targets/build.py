@@ -1,0 +1,287 @@
+"""Compile = export -> (quantize) -> write the engine folder -> verify on real text -> manifest.
+
+``compile_engine`` is the one stage API (keyword-typed, returns the manifest). It builds in a
+temporary sibling folder and renames it into place only after verification passed
+(``moe2edge._io.atomic_dir``): a failure at any step leaves no half-built output (and an older
+folder at ``out_dir`` untouched).
+
+Verification runs the finished folder through the same runtime users get
+(``moe2edge.targets.runtime.load_engine``) on real text and compares with the PyTorch model in fp32:
+per-text cosine (mean / min over every text and every batch shape tried), max-abs difference, and
+nDCG@10 on a small retrieval set (short package description as the query, its long description
+as the document). Below threshold (fp32: cos min >= 0.9999; INT8: >= 0.99) -> ``VerificationError``
+naming the measured numbers.
+
+The manifest's ``identity`` block (source checkpoint hash, target, precision, settings, quantiser
+settings, calibration / verification data hashes, versions, file hashes) carries no timestamp or
+timing: the same inputs give the same ``identity_sha256`` (tested).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from moe2edge._io import atomic_dir, sha256_file
+from moe2edge.targets.base import (
+    CalibrationError, CompileConfig, Sample, TargetUnavailableError, VerificationError, get,
+)
+from moe2edge.targets.runtime import ENGINE_FILE, ENGINE_FORMAT, Tokenizer, encode_batches, load_engine
+
+log = logging.getLogger(__name__)
+
+MANIFEST_SCHEMA = "moe2edge.manifest/v1"
+VERSION_MODULES = ("moe2edge", "torch", "numpy", "tokenizers", "onnx", "onnxscript", "onnxruntime", "openvino",
+                   "nncf", "tensorrt")
+
+
+# ------------------------------------------------------------------------------ text inputs
+
+
+def read_texts(path: str | Path) -> list[str]:
+    """Calibration / verification texts from a file: one text per line (UTF-8), or JSONL whose objects
+    carry ``text`` (or ``query`` / ``document`` / ``positive`` / ``anchor``; every such field is used)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CalibrationError(f"calibration file {path} not found")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise CalibrationError(f"{path}: not valid UTF-8 at line {line} (byte {e.start})") from None
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    is_jsonl = path.suffix in (".jsonl", ".json") or (lines and lines[0].lstrip().startswith("{"))
+    if not is_jsonl:
+        return [ln.strip() for ln in lines]
+    out = []
+    for i, ln in enumerate(lines, 1):
+        try:
+            obj = json.loads(ln)
+        except json.JSONDecodeError as e:
+            raise CalibrationError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise CalibrationError(f"{path}:{i}: expected a JSON object per line")
+        found = [obj[k] for k in ("text", "query", "document", "positive", "anchor") if isinstance(obj.get(k), str)]
+        if not found:
+            raise CalibrationError(f"{path}:{i}: no text field (text / query / document / positive / anchor)")
+        out.extend(t for t in found if t.strip())
+    return out
+
+
+def texts_sha256(texts: list[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def calibration_batches(texts: list[str], tok: Tokenizer, cfg: CompileConfig) -> tuple[list, dict]:
+    """Tokenised calibration batches; raises ``CalibrationError`` when there is too little text."""
+    if texts is None:
+        raise CalibrationError("INT8 needs calibration data: pass --calibration FILE (one text per line, or JSONL), "
+                               "or --calibration dpkg for this machine's package descriptions")
+    texts = [t for t in texts if t.strip()]
+    n_tok = sum(tok.count_tokens(texts)) if texts else 0
+    if len(texts) < cfg.min_calibration_texts or n_tok < cfg.min_calibration_tokens:
+        raise CalibrationError(
+            f"calibration text too short: {len(texts)} texts / {n_tok} tokens; need >= {cfg.min_calibration_texts} "
+            f"texts and >= {cfg.min_calibration_tokens} tokens of real text (activation ranges and every expert "
+            "need to be seen)")
+    bs = cfg.calibration_batch_size
+    batches = [tok(texts[s : s + bs])[:2] for s in range(0, len(texts), bs)]
+    return batches, {"sha256": texts_sha256(texts), "texts": len(texts), "tokens": int(n_tok), "batch_size": bs}
+
+
+# ------------------------------------------------------------------------------ parity
+
+
+def ndcg10_diagonal(q: np.ndarray, d: np.ndarray) -> float:
+    """nDCG@10 where query i's only relevant document is document i (exact search, unit vectors)."""
+    if len(q) == 0:
+        return float("nan")
+    s = q @ d.T  # (N, N)
+    own = np.diag(s)[:, None]
+    rank = (s > own).sum(1)  # 0-based rank of the own document (ties in its favour)
+    return float(np.mean(np.where(rank < 10, 1.0 / np.log2(rank + 2), 0.0)))
+
+
+def parity(ref: np.ndarray, got: np.ndarray) -> dict:
+    finite = bool(np.isfinite(got).all() and np.isfinite(ref).all())
+    cos = (ref * got).sum(1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1), 1e-12)
+    return {"n": int(len(ref)), "finite": finite, "cos_mean": float(np.mean(cos)) if finite else float("nan"),
+            "cos_min": float(np.min(cos)) if finite else float("nan"),
+            "max_abs": float(np.max(np.abs(ref - got))) if finite else float("nan")}
+
+
+def verify_engine(engine_dir: Path, model, tok: Tokenizer, pairs: list[tuple[str, str]], *, prompts: dict,
+                  dim: int, cfg: CompileConfig) -> dict:
+    """Run the finished folder's engine and the PyTorch model on real text; raise below threshold."""
+    import torch
+
+    from moe2edge.targets.torch_export import reference_embeddings
+
+    queries, docs = [p[0] for p in pairs], [p[1] for p in pairs]
+    qp, dp = prompts.get("search_query", ""), prompts.get("search_document", "")
+    full = model.config.hidden_size
+
+    def torch_run(ids, mask):
+        return reference_embeddings(model, [(ids, mask)], dim=None if dim == full else dim)
+
+    engine = load_engine(engine_dir, threads=1)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ref_q = encode_batches(torch_run, tok, queries, prefix=qp, dim=dim, full_dim=dim, batch_size=32)
+        ref_d = encode_batches(torch_run, tok, docs, prefix=dp, dim=dim, full_dim=dim, batch_size=32)
+    got_q = engine.encode(queries, prompt="search_query" if qp else None, batch_size=32)
+    got_d = engine.encode(docs, prompt="search_document" if dp else None, batch_size=32)
+    # Other batch shapes: batch 1 (no padding) and one mixed batch of short + long texts.
+    few = list(range(min(4, len(docs))))
+    got_1 = np.concatenate([engine.encode([docs[i]], prompt="search_document" if dp else None, batch_size=1)
+                            for i in few]) if few else np.zeros((0, dim), np.float32)
+    mixed = [queries[i] if i % 2 else docs[i] for i in range(min(16, len(docs)))]
+    with torch.no_grad():
+        ref_m = encode_batches(torch_run, tok, mixed, prefix="", dim=dim, full_dim=dim, batch_size=len(mixed) or 1)
+    got_m = engine.encode(mixed, batch_size=len(mixed) or 1)
+    seconds = time.perf_counter() - t0
+    ref_all = np.concatenate([ref_q, ref_d, ref_d[few], ref_m])
+    got_all = np.concatenate([got_q, got_d, got_1, got_m])
+    res = parity(ref_all, got_all)
+    res["ndcg@10_pytorch"] = ndcg10_diagonal(ref_q, ref_d)
+    res["ndcg@10_engine"] = ndcg10_diagonal(got_q, got_d)
+    res["ndcg@10_delta"] = res["ndcg@10_engine"] - res["ndcg@10_pytorch"]
+    res.update(threshold_cos_min=cfg.cos_threshold, queries=len(queries), documents=len(docs),
+               shapes="batch 32 (length-sorted), batch 1, one mixed batch", seconds=round(seconds, 2))
+    res = {k: (round(v, 7) if isinstance(v, float) and math.isfinite(v) else v) for k, v in res.items()}
+    problems = []
+    if not res["finite"]:
+        problems.append("non-finite embeddings")
+    elif res["cos_min"] < cfg.cos_threshold:
+        problems.append(f"cosine min {res['cos_min']:.6f} < {cfg.cos_threshold} (mean {res['cos_mean']:.6f}, "
+                        f"max-abs {res['max_abs']:.3g})")
+    if cfg.max_ndcg_loss is not None and res["finite"] and -res["ndcg@10_delta"] > cfg.max_ndcg_loss:
+        problems.append(f"nDCG@10 loss {-res['ndcg@10_delta']:.4f} > {cfg.max_ndcg_loss}")
+    if problems:
+        raise VerificationError(f"{cfg.target} {cfg.precision} failed verification against PyTorch fp32 on "
+                                f"{res['n']} real texts: " + "; ".join(problems), res)
+    return res
+
+
+# ------------------------------------------------------------------------------ compile
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for m in VERSION_MODULES:
+        try:
+            out[m] = md.version(m)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
+
+
+def compile_engine(
+    *,
+    model,
+    tokenizer_file: str | Path,
+    out_dir: str | Path,
+    cfg: CompileConfig,
+    verify_pairs: list[tuple[str, str]],
+    calibration_texts: list[str] | None = None,
+    source_hash: str,
+    name: str | None = None,
+    overwrite: bool = True,
+) -> dict:
+    """Build, verify and write an engine folder for ``cfg.target``; returns the manifest.
+
+    model: a ``NomicMoE``-family module (eval, fp32); tokenizer_file: its tokenizer.json;
+    verify_pairs: (query, document) real-text pairs; calibration_texts: required for INT8.
+    """
+    t_start = time.perf_counter()
+    target = get(cfg.target)
+    mcfg = model.config
+    dim = cfg.dim or mcfg.hidden_size
+    if not 1 <= dim <= mcfg.hidden_size:
+        raise ValueError(f"dim must be in [1, {mcfg.hidden_size}], got {dim}")
+    if not target.is_available() and not getattr(target, "cpu_verifiable", False):
+        raise TargetUnavailableError(f"--target {cfg.target}: its runtime is not installed here; "
+                                     f"pip install 'moe2edge[{target.runtime_extra}]'")
+    if hasattr(target, "require"):
+        target.require()
+    if len(verify_pairs) < 10:
+        raise ValueError(f"verification needs >= 10 real (query, document) pairs, got {len(verify_pairs)}")
+    tok = Tokenizer(tokenizer_file, max_length=mcfg.max_seq_length, pad_id=mcfg.pad_token_id)
+    model = model.eval()
+
+    calib, calib_info = None, None
+    if cfg.precision == "int8" or getattr(target, "int8_only", False):
+        calib, calib_info = calibration_batches(calibration_texts, tok, cfg)
+        if mcfg.moe_layers:
+            from moe2edge.targets.torch_export import expert_token_counts
+
+            counts = expert_token_counts(model, calib)  # (L, E)
+            calib_info["expert_tokens_min"] = int(counts.min())
+            starved = [(mcfg.moe_layers[l], e) for l, e in zip(*np.nonzero(counts == 0))]
+            if starved:
+                raise CalibrationError(f"calibration routes no token to (layer, expert) {starved[:8]}: their INT8 "
+                                       "ranges would be guesses; add more (and more varied) calibration text")
+
+    vdata = {"sha256": texts_sha256([t for p in verify_pairs for t in p]), "pairs": len(verify_pairs)}
+    sample_ids, sample_mask, _ = tok(["a sample sentence for tracing the graph", "two"])
+    sample = Sample(sample_ids, sample_mask)
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory(prefix="moe2edge-build-") as work:
+        work = Path(work)
+        art = target.export(model, sample, work, cfg)
+        if cfg.precision == "int8":
+            art = target.quantize(art, calib, cfg)
+        files = dict(target.finalize(art, tmp, cfg))  # {"model_file": ..., other engine.json keys}
+        shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
+        spec = {
+            "format": ENGINE_FORMAT, "name": name or out_dir.name, "target": cfg.target, "precision": cfg.precision,
+            "runtime": target.runtime, "model_file": files.pop("model_file"), "input_names": ["input_ids", "attention_mask"], "output_name": "sentence_embedding",
+            "dim": dim, "hidden_size": mcfg.hidden_size, "max_seq_length": mcfg.max_seq_length,
+            "pad_token_id": mcfg.pad_token_id, "prompts": dict(mcfg.prompts), "tokenizer": "tokenizer.json",
+        }
+        spec.update(files)
+        if cfg.target == "openvino":
+            spec["ov_precision_hint"] = cfg.ov_precision_hint
+        (tmp / ENGINE_FILE).write_text(json.dumps(spec, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        measured = verify_engine(tmp, model, tok, verify_pairs, prompts=dict(mcfg.prompts), dim=dim, cfg=cfg)
+        file_hashes = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*"))
+                       if p.is_file() and p.name != "manifest.json"}
+        identity = {
+            "source": {"checkpoint_sha256": source_hash, "model_type": "moe" if mcfg.moe_layers else "dense",
+                       "hidden_size": mcfg.hidden_size, "num_layers": mcfg.num_layers,
+                       "num_experts": mcfg.num_experts if mcfg.moe_layers else 0, "top_k": mcfg.moe_top_k},
+            "target": cfg.target, "precision": cfg.precision, "dim": dim, "config": cfg.to_dict(),
+            "artifact": art.info, "calibration": calib_info, "verification_data": vdata,
+            "versions": versions(), "files": file_hashes,
+        }
+        manifest = {
+            "schema": MANIFEST_SCHEMA, "identity": identity, "identity_sha256": _hash(identity),
+            "parity": measured,
+            # Not hashed: when, where and how long.
+            "build": {"timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                      "seconds": round(time.perf_counter() - t_start, 1), "host": platform.node()},
+        }
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    log.info("built %s: %s %s, cos mean %.6f / min %.6f, nDCG@10 delta %+.4f", out_dir, cfg.target, cfg.precision,
+             measured["cos_mean"], measured["cos_min"], measured["ndcg@10_delta"])
+    return manifest

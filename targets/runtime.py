@@ -1,0 +1,271 @@
+"""Edge runtime: run a compiled engine folder with only its runtime + ``tokenizers`` + numpy (no torch).
+
+    from moe2edge.targets.runtime import load_engine
+    emb = load_engine("engines/minilm-moe-int8")
+    q = emb.encode(["how to find files"], prompt="search_query")   # (N, D) float32, unit rows
+
+An engine folder is self-contained: ``engine.json`` (what to run and how: model file, runtime,
+input/output names, output dim, max length, pad id, prompts, OpenVINO precision hint),
+``tokenizer.json``, the model file(s) and ``manifest.json`` (provenance + measured parity).
+``encode`` has the signature of ``moe2edge.teacher.Embedder.encode``. Nothing here imports torch or
+``moe2edge.teacher`` (tested in a venv without torch).
+
+Dimension legend: B batch, S sequence, D output dim.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+ENGINE_FORMAT = "moe2edge.engine/v1"
+ENGINE_FILE = "engine.json"
+# Same cut as the teacher's tokenizer: a token is rarely shorter than one character, so cutting the
+# raw text at 32 characters per allowed token changes nothing that survives truncation.
+_CHARS_PER_TOKEN_CAP = 32
+
+
+class EngineFolderError(ValueError):
+    """An engine folder is missing files or was written by an incompatible version."""
+
+
+class Tokenizer:
+    """``tokenizers.Tokenizer`` with the model's truncation and padding; numpy int64 output."""
+
+    def __init__(self, file: str | Path, *, max_length: int, pad_id: int):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        file = Path(file)
+        if not file.exists():
+            raise EngineFolderError(f"{file}: tokenizer.json not found")
+        self.tok = HFTokenizer.from_file(str(file))
+        self.max_length, self.pad_id = max_length, pad_id
+        self.tok.enable_truncation(max_length=max_length)
+        self.tok.enable_padding(pad_id=pad_id, pad_token=self.tok.id_to_token(pad_id) or "<pad>")
+
+    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
+        """-> input_ids (B, S) int64, attention_mask (B, S) int64, number of truncated texts."""
+        cap = self.max_length * _CHARS_PER_TOKEN_CAP
+        encs = self.tok.encode_batch([t[:cap] for t in texts])
+        truncated = sum(1 for t, e in zip(texts, encs) if e.overflowing or len(t) > cap)
+        ids = np.array([e.ids for e in encs], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encs], dtype=np.int64)
+        return ids, mask, truncated
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        return [sum(e.attention_mask) for e in self.tok.encode_batch(list(texts))]
+
+
+# ------------------------------------------------------------------------------------ engines
+
+
+class OrtEngine:
+    """ONNX Runtime CPU session (also runs TensorRT's QDQ ONNX for CPU verification)."""
+
+    def __init__(self, path: str | Path, *, threads: int = 1, output_name: str = "sentence_embedding"):
+        from moe2edge._optional import require
+
+        ort = require("onnxruntime", extra="runtime", purpose="running ONNX engines")
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.log_severity_level = 3
+        self.path, self.threads, self.output_name = Path(path), threads, output_name
+        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def run(self, input_ids, attention_mask) -> np.ndarray:
+        feeds = {"input_ids": np.asarray(input_ids, np.int64), "attention_mask": np.asarray(attention_mask, np.int64)}
+        if "token_type_ids" in self.input_names:
+            feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+        return self.session.run([self.output_name], feeds)[0]
+
+
+class OpenVinoEngine:
+    """OpenVINO CPU compiled model; the inference precision is pinned explicitly (CPU default: bf16
+    on this AVX-512-BF16 machine, which costs ~1e-3 cosine; f32 is what parity is verified with)."""
+
+    def __init__(self, path: str | Path, *, threads: int = 1, precision_hint: str = "f32",
+                 output_name: str = "sentence_embedding"):
+        from moe2edge._optional import require
+
+        ov = require("openvino", extra="openvino", purpose="running OpenVINO engines")
+        core = ov.Core()
+        self.path, self.threads, self.precision_hint = Path(path), threads, precision_hint
+        cfg = {"INFERENCE_PRECISION_HINT": precision_hint, "INFERENCE_NUM_THREADS": threads,
+               "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", cfg)
+        self.request = self.compiled.create_infer_request()
+        self.output_name = output_name
+        self.input_names = [i.get_any_name() for i in self.compiled.inputs]
+
+    def run(self, input_ids, attention_mask) -> np.ndarray:
+        feeds = {"input_ids": np.asarray(input_ids, np.int64), "attention_mask": np.asarray(attention_mask, np.int64)}
+        if "token_type_ids" in self.input_names:
+            feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])
+        res = self.request.infer(feeds)
+        return np.array(res[self.compiled.output(self.output_name)], dtype=np.float32, copy=True)
+
+
+class TensorRTEngine:
+    """A serialized TensorRT engine (engine.plan) on a CUDA GPU. Needs ``tensorrt`` and torch (CUDA) for
+    device buffers, imported lazily. Not runnable on this project's CPU machines."""
+
+    def __init__(self, path: str | Path, *, output_name: str = "sentence_embedding", **_):
+        from moe2edge._optional import require
+
+        trt = require("tensorrt", extra="tensorrt", purpose="running TensorRT engines (needs a CUDA GPU)")
+        import torch  # noqa: PLC0415 - only for CUDA buffers, only on a GPU machine
+
+        if not torch.cuda.is_available():
+            raise ImportError("TensorRT engines need a CUDA GPU; none is visible")
+        self.torch, self.output_name = torch, output_name
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        self.engine = runtime.deserialize_cuda_engine(Path(path).read_bytes())
+        self.context = self.engine.create_execution_context()
+
+    def run(self, input_ids, attention_mask) -> np.ndarray:
+        torch = self.torch
+        ids = torch.as_tensor(np.asarray(input_ids, np.int64), device="cuda")
+        mask = torch.as_tensor(np.asarray(attention_mask, np.int64), device="cuda")
+        for name, t in (("input_ids", ids), ("attention_mask", mask)):
+            self.context.set_input_shape(name, tuple(t.shape))
+            self.context.set_tensor_address(name, t.data_ptr())
+        out = torch.empty(tuple(self.context.get_tensor_shape(self.output_name)), device="cuda", dtype=torch.float32)
+        self.context.set_tensor_address(self.output_name, out.data_ptr())
+        stream = torch.cuda.current_stream()
+        self.context.execute_async_v3(stream.cuda_stream)
+        stream.synchronize()
+        return out.cpu().numpy()
+
+
+RUNTIMES = {"onnxruntime": OrtEngine, "openvino": OpenVinoEngine, "tensorrt": TensorRTEngine}
+
+
+def open_runtime(runtime: str, path: str | Path, *, threads: int = 1, **kw):
+    if runtime not in RUNTIMES:
+        raise EngineFolderError(f"unknown runtime {runtime!r}; known: {', '.join(RUNTIMES)}")
+    return RUNTIMES[runtime](path, threads=threads, **kw)
+
+
+# ------------------------------------------------------------------------------------ embedder
+
+
+def _check_texts(texts) -> list[str]:
+    if isinstance(texts, str):
+        raise TypeError("encode() takes a list of strings; wrap a single text in a list")
+    out = []
+    for i, t in enumerate(texts):
+        if isinstance(t, (bytes, bytearray)):
+            try:
+                t = bytes(t).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"text {i} is not valid UTF-8 ({e}); decode it before encoding") from None
+        if not isinstance(t, str):
+            raise TypeError(f"text {i} is {type(t).__name__}, expected str")
+        out.append(t)
+    return out
+
+
+class EngineEmbedder:
+    """Tokenizer + engine + prompts: the ``encode`` API of the teacher, for a compiled engine."""
+
+    def __init__(self, folder: str | Path, *, threads: int = 1):
+        self.folder = Path(folder)
+        spec_file = self.folder / ENGINE_FILE
+        if not spec_file.exists():
+            raise EngineFolderError(f"{self.folder}: not an engine folder (no {ENGINE_FILE}); build one with "
+                                    "`moe2edge compile`")
+        self.spec = json.loads(spec_file.read_text(encoding="utf-8"))
+        if self.spec.get("format") != ENGINE_FORMAT:
+            raise EngineFolderError(f"{spec_file}: format {self.spec.get('format')!r}, expected {ENGINE_FORMAT!r}")
+        model_file = self.folder / self.spec["model_file"]
+        if not model_file.exists():
+            raise EngineFolderError(f"{model_file}: model file named in {ENGINE_FILE} is missing")
+        self.name = self.spec.get("name") or self.folder.name
+        self.dim = int(self.spec["dim"])
+        self.prompts = dict(self.spec.get("prompts") or {})
+        self.tokenizer = Tokenizer(self.folder / self.spec.get("tokenizer", "tokenizer.json"),
+                                   max_length=int(self.spec["max_seq_length"]), pad_id=int(self.spec["pad_token_id"]))
+        self._threads = threads
+        self.engine = self._open(threads)
+        self.artifact_bytes = sum(p.stat().st_size for p in self.folder.rglob("*") if p.is_file())
+
+    def _open(self, threads: int):
+        kw = {"output_name": self.spec.get("output_name", "sentence_embedding")}
+        if self.spec["runtime"] == "openvino":
+            kw["precision_hint"] = self.spec.get("ov_precision_hint", "f32")
+        runtime = self.spec["runtime"]
+        if runtime == "tensorrt":
+            plan = self.folder / self.spec.get("plan_file", "engine.plan")
+            from moe2edge._optional import has
+
+            if plan.exists() and has("tensorrt"):
+                return TensorRTEngine(plan, **kw)
+            # The QDQ ONNX is the verified CPU stand-in until build_engine.sh has run on a GPU machine.
+            log.warning("%s: no TensorRT engine (%s) or no tensorrt here: running the QDQ ONNX with ONNX Runtime "
+                        "on CPU", self.folder, plan.name)
+            runtime = "onnxruntime"
+        return open_runtime(runtime, self.folder / self.spec["model_file"], threads=threads, **kw)
+
+    def set_num_threads(self, n: int) -> None:
+        if n != self._threads:
+            self.engine, self._threads = self._open(n), n
+
+    def count_tokens(self, texts) -> list[int]:
+        return self.tokenizer.count_tokens([texts] if isinstance(texts, str) else texts)
+
+    def prefix(self, prompt: str | None) -> str:
+        if prompt is None or not self.prompts:
+            return ""
+        if prompt not in self.prompts:
+            raise ValueError(f"unknown prompt {prompt!r}; this engine knows: {', '.join(self.prompts)}")
+        return self.prompts[prompt]
+
+    def encode(self, texts, *, prompt: str | None = None, dim: int | None = None, batch_size: int = 32,
+               show_progress: bool | None = None) -> np.ndarray:
+        """Embed texts -> (N, dim) float32, L2-normalised. ``dim`` below the engine's dim truncates and
+        renormalises (Matryoshka: the graph's output is already the normalised prefix of the pooled vector,
+        so this equals truncating the pooled vector)."""
+        texts = _check_texts(texts)
+        if dim is not None and not 1 <= dim <= self.dim:
+            raise ValueError(f"dim must be in [1, {self.dim}] for this engine, got {dim}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        out_dim = dim or self.dim
+        if not texts:
+            return np.zeros((0, out_dim), dtype=np.float32)
+        return encode_batches(self.engine.run, self.tokenizer, texts, prefix=self.prefix(prompt), dim=out_dim,
+                              full_dim=self.dim, batch_size=batch_size)
+
+
+def encode_batches(run, tokenizer: Tokenizer, texts: list[str], *, prefix: str, dim: int, full_dim: int,
+                   batch_size: int) -> np.ndarray:
+    """The encode loop shared by engines and the verification reference: sort by length (less padding),
+    tokenise, ``run(ids, mask) -> (B, full_dim)``, truncate to ``dim`` and renormalise."""
+    order = np.argsort([-len(t) for t in texts], kind="stable")  # longest first
+    result = np.empty((len(texts), dim), dtype=np.float32)
+    truncated = 0
+    for s in range(0, len(texts), batch_size):
+        idx = order[s : s + batch_size]
+        ids, mask, n = tokenizer([prefix + texts[i] for i in idx])
+        truncated += n
+        emb = np.asarray(run(ids, mask), dtype=np.float32)[:, :dim]
+        if dim != full_dim:
+            emb = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        result[idx] = emb
+    if truncated:
+        log.info("%d of %d texts were longer than %d tokens and were truncated", truncated, len(texts),
+                 tokenizer.max_length)
+    return result
+
+
+def load_engine(folder: str | Path, *, threads: int = 1) -> EngineEmbedder:
+    """Open a compiled engine folder (``moe2edge compile --out DIR``)."""
+    return EngineEmbedder(folder, threads=threads)
