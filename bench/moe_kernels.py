@@ -131,21 +131,22 @@ def _paths(T: int, args, device, dtype):
 
 
 def breakdown(inputs, timer, warmup: int, iters: int) -> dict:
-    """Forward pieces of the fused path, ms each: sort, GEMM1 (+gather, GELU), GEMM2, combine."""
+    """Forward pieces of the fused path, ms each: sort (+ src), GEMM1 (+gather, GELU with libdevice's
+    erf, the default), GEMM1 with the polynomial erf (same autotuner pick), GEMM2, combine."""
     import torch
 
     from moe2edge.kernels import triton_moe as tm
 
     x, weights, experts, w1, w2 = (t.detach() for t in inputs)
     K = experts.shape[1]
-    sorted_idx, pos, _, offsets = tm.sort_by_expert_triton(experts, w1.shape[0])
-    src = sorted_idx // K
+    _, pos, _, offsets, src = tm._sort(experts, w1.shape[0], K)
     h, _ = tm._gemm1(x, src, w1, offsets, store_z=False)
     y = torch.empty(src.numel(), x.shape[1], device=x.device, dtype=x.dtype)
     gemm2 = lambda: tm._grouped_gemm(h, None, w2, tm._w_kn(w2, False), offsets, y, x.shape[1], w1.shape[1])  # noqa: E731
     pieces = {
-        "sort": lambda: tm.sort_by_expert_triton(experts, w1.shape[0]),
-        "gemm1": lambda: tm._gemm1(x, src, w1, offsets, store_z=False),
+        "sort": lambda: tm._sort(experts, w1.shape[0], K),
+        "gemm1": lambda: tm._gemm1(x, src, w1, offsets, store_z=False, erf_poly=False),
+        "gemm1_poly_erf": lambda: tm._gemm1(x, src, w1, offsets, store_z=False, erf_poly=True),
         "gemm2": gemm2,
         "combine": lambda: tm._combine(y, pos, weights.float(), x.shape[0], K, x.dtype),
     }
@@ -222,6 +223,12 @@ def run(args) -> dict:
         del paths, inputs
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    from moe2edge.kernels import triton_moe as tm
+
+    result["tuned_configs"] = tm.tuned_configs()  # the autotuner's picks, by key
+    for name, picks in result["tuned_configs"].items():
+        for key, cfg in picks.items():
+            print(f"tuned {name} {key}: {cfg}")
     return result
 
 

@@ -77,12 +77,45 @@ def histogram_kernel(experts_ptr, block_counts_ptr, N, E, E_P2: tl.constexpr, BL
 
 
 @triton.jit
+def expert_prefix_kernel(
+    block_counts_ptr, base_ptr, counts_ptr, offsets_ptr, NB, E,
+    E_P2: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """One program: counts[e] = sum_b block_counts[b, e]; offsets = [0, cumsum(counts)] (E+1,);
+    base[b, e] = offsets[e] + sum of block_counts[:b, e] (the first destination of block b's
+    assignments of expert e). Replaces ~6 tiny torch launches between the two sort passes."""
+    cols = tl.arange(0, E_P2)
+    cmask = cols < E
+    bs = tl.arange(0, BLOCK_B)
+    tot = tl.zeros((E_P2,), dtype=tl.int32)
+    for b0 in range(0, NB, BLOCK_B):
+        rows = b0 + bs
+        m = (rows < NB)[:, None] & cmask[None, :]
+        c = tl.load(block_counts_ptr + rows[:, None] * E + cols[None, :], mask=m, other=0).to(tl.int32)
+        tot += tl.sum(c, axis=0)
+    incl = tl.cumsum(tot, axis=0)
+    excl = incl - tot
+    tl.store(counts_ptr + cols, tot.to(tl.int64), mask=cmask)
+    tl.store(offsets_ptr + cols, excl.to(tl.int64), mask=cmask)  # offsets[0..E-1]
+    tl.store(offsets_ptr + cols + 1, incl.to(tl.int64), mask=cmask)  # offsets[1..E] (same values overlap)
+    carry = excl
+    for b0 in range(0, NB, BLOCK_B):
+        rows = b0 + bs
+        m = (rows < NB)[:, None] & cmask[None, :]
+        c = tl.load(block_counts_ptr + rows[:, None] * E + cols[None, :], mask=m, other=0).to(tl.int32)
+        first = carry[None, :] + tl.cumsum(c, axis=0) - c  # (BLOCK_B, E_P2) exclusive running sum
+        tl.store(base_ptr + rows[:, None] * E + cols[None, :], first.to(tl.int64), mask=m)
+        carry += tl.sum(c, axis=0)
+
+
+@triton.jit
 def scatter_sorted_kernel(
-    experts_ptr, base_ptr, sorted_idx_ptr, pos_ptr, N, E,
-    E_P2: tl.constexpr, BLOCK: tl.constexpr,
+    experts_ptr, base_ptr, sorted_idx_ptr, pos_ptr, src_ptr, N, E, TOP_K,
+    E_P2: tl.constexpr, BLOCK: tl.constexpr, WRITE_SRC: tl.constexpr,
 ):
     """Stable counting sort, second pass: dest = base[b, e] + rank of the assignment among block b's
-    assignments of expert e (in flat order). base[b, e] = offsets[e] + sum of block_counts[:b, e]."""
+    assignments of expert e (in flat order). base[b, e] = offsets[e] + sum of block_counts[:b, e].
+    WRITE_SRC: also src[dest] = assignment // TOP_K, the token of each sorted row (GEMM1's gather)."""
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     valid = offs < N
@@ -94,21 +127,64 @@ def scatter_sorted_kernel(
     dest = base + rank.to(tl.int64)
     tl.store(sorted_idx_ptr + dest, offs.to(tl.int64), mask=valid)
     tl.store(pos_ptr + offs, dest, mask=valid)
+    if WRITE_SRC:
+        tl.store(src_ptr + dest, (offs // TOP_K).to(tl.int64), mask=valid)
 
 
 # --------------------------------------------------------------------------- grouped GEMM (rows x N)
 
 
 @triton.jit
-def _gelu(z):
-    return 0.5 * z * (1.0 + tl.erf(z * _SQRT1_2))
+def _phi_tail(z):
+    """Phi(-|z|) = 0.5 * erfc(|z| / sqrt 2), the normal CDF's lower tail, in fp32 with no division and
+    one exp. Absolute error <= ~1e-7 (relative <= ~7e-6 in the far tail), checked against math.erfc
+    in tests/test_kernels.py: below fp32 erf's own rounding near 1 and far below bf16 resolution.
+    |x| < 1: erf(x) = x + x * P(x^2) (degree-6 least-squares fit on Chebyshev nodes);
+    |x| >= 1: erfc(x) = exp(Q(x)), Q a degree-9 fit of log erfc on [1, 5.5] (x clamped there;
+    erfc(5.5) = 7e-15). Computing the tail directly avoids 1 + erf(x)'s cancellation for z << 0."""
+    x = tl.abs(z) * _SQRT1_2
+    s = x * x
+    p = s * 7.933493907330558e-05 - 0.0008034846396185458
+    p = p * s + 0.005191218573600054
+    p = p * s - 0.02685539983212948
+    p = p * s + 0.11283625662326813
+    p = p * s - 0.3761262893676758
+    p = p * s + 0.12837916612625122
+    tail_small = 0.5 - 0.5 * (x + x * p)
+    t = tl.minimum(x, 5.5)
+    q = t * -9.905044606739466e-08 + 3.7974662063788855e-06
+    q = q * t - 6.640066567342728e-05
+    q = q * t + 0.0007050768472254276
+    q = q * t - 0.005117615219205618
+    q = q * t + 0.027181973680853844
+    q = q * t - 0.11111688613891602
+    q = q * t - 0.6309539675712585
+    q = q * t - 1.1306437253952026
+    q = q * t + 0.0004023979709018022
+    tail_large = 0.5 * tl.exp(q)
+    return tl.where(x < 1.0, tail_small, tail_large)
 
 
 @triton.jit
-def _gelu_grad(z):
-    cdf = 0.5 * (1.0 + tl.erf(z * _SQRT1_2))
+def _phi(z, ERF_POLY: tl.constexpr):
+    """Normal CDF Phi(z) = 0.5 * (1 + erf(z / sqrt 2)): polynomial erf (ERF_POLY) or libdevice erf."""
+    if ERF_POLY:
+        tail = _phi_tail(z)
+        cdf = tl.where(z >= 0.0, 1.0 - tail, tail)
+    else:
+        cdf = 0.5 * (1.0 + tl.erf(z * _SQRT1_2))
+    return cdf
+
+
+@triton.jit
+def _gelu(z, ERF_POLY: tl.constexpr):
+    return z * _phi(z, ERF_POLY)
+
+
+@triton.jit
+def _gelu_grad(z, ERF_POLY: tl.constexpr):
     pdf = tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
-    return cdf + z * pdf
+    return _phi(z, ERF_POLY) + z * pdf
 
 
 @triton.jit
@@ -117,7 +193,7 @@ def grouped_gemm_kernel(
     R, N, K, E,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn,
     GATHER: tl.constexpr, HAS_SCALE: tl.constexpr, EPI: tl.constexpr, STORE_Z: tl.constexpr,
-    UPCAST: tl.constexpr, IEEE: tl.constexpr, E_P2: tl.constexpr,
+    UPCAST: tl.constexpr, IEEE: tl.constexpr, E_P2: tl.constexpr, ERF_POLY: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C[r, :] = epi(scale[r] * A[a_row(r), :] @ B[e(r)]) for sorted rows r grouped by expert.
@@ -125,6 +201,8 @@ def grouped_gemm_kernel(
     B[e] is addressed through strides as a (K, N) matrix, so w1[e].T, w2[e] and w2[e].T need no copy.
     a_row(r) = a_rows[r] if GATHER (the token-permutation gather fused into the A-load) else r.
     EPI: 0 plain; 1 GELU (z = acc is kept in z_ptr if STORE_Z); 2 GELU backward: acc * gelu'(z).
+    ERF_POLY: the exact-erf GELU's CDF from _phi_tail (polynomials + one exp) instead of tl.erf
+    (opt-in: measured slower than libdevice's erff on an H200, see triton_moe._erf_poly).
     Schedule: M-block i belongs to the expert e whose tile range [cum_e - tiles_e, cum_e) holds i,
     tiles_e = cdiv(count_e, BLOCK_M). It is derived here from the (E+1,) offsets with one vector op
     over experts (no precomputed table, so BLOCK_M can be autotuned freely); the grid is the upper
@@ -189,10 +267,10 @@ def grouped_gemm_kernel(
     if EPI == 1:
         if STORE_Z:
             tl.store(z_ptr + c_off, acc.to(z_ptr.dtype.element_ty), mask=cmask)
-        acc = _gelu(acc)
+        acc = _gelu(acc, ERF_POLY)
     elif EPI == 2:
         z = tl.load(z_ptr + c_off, mask=cmask, other=0.0).to(tl.float32)
-        acc = acc * _gelu_grad(z)
+        acc = acc * _gelu_grad(z, ERF_POLY)
     tl.store(c_ptr + c_off, acc.to(c_ptr.dtype.element_ty), mask=cmask)
 
 
@@ -296,3 +374,16 @@ def gate_grad_kernel(
         yk = tl.load(y_ptr + p[:, None] * H + hs[None, :], mask=mask, other=0.0).to(tl.float32)
         acc += tl.sum(d * yk, axis=1)
     tl.store(dw_ptr + ts64 * TOP_K + k, acc, mask=tmask)
+
+
+# ------------------------------------------------------------------------------ test hook (GELU math)
+
+
+@triton.jit
+def gelu_eval_kernel(z_ptr, gelu_ptr, grad_ptr, N, ERF_POLY: tl.constexpr, BLOCK: tl.constexpr):
+    """gelu(z) and gelu'(z) elementwise in fp32 with the GEMM epilogues' code (accuracy tests)."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(gelu_ptr + offs, _gelu(z, ERF_POLY), mask=mask)
+    tl.store(grad_ptr + offs, _gelu_grad(z, ERF_POLY), mask=mask)

@@ -74,6 +74,9 @@ def _gemm_configs():
         C(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), num_warps=4, num_stages=4),
         C(dict(BLOCK_M=128, BLOCK_N=256, BLOCK_K=64, GROUP_M=8), num_warps=8, num_stages=3),
         C(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), num_warps=8, num_stages=3),
+        # 96 KiB of stages: two programs fit one SM, so one's GELU epilogue and stores overlap the
+        # other's main loop (GEMM1 and the dz GEMM have a short K = H = 768: 12 iterations per tile).
+        C(dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), num_warps=4, num_stages=3),
         C(dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8), num_warps=4, num_stages=4),
         C(dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_M=8), num_warps=4, num_stages=4),
     ]
@@ -114,6 +117,22 @@ def _autotune_on() -> bool:
 def _first(configs) -> dict:
     c = configs[0]
     return dict(**c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+
+
+def _erf_poly() -> bool:
+    """GELU's erf: MOE2EDGE_GELU_ERF=libdevice (default; tl.erf) or poly (_phi_tail: polynomials + one
+    exp, no branch). Both are exact-erf GELU to fp32 rounding; only the cost differs. On an H200
+    (triton 3.6, bf16, H 768, F 3072) GEMM1 took 1.81 ms with libdevice and 2.06 ms with poly at
+    131072 rows (0.58 vs 0.69 ms at 32768): libdevice's erff is already cheap, so it stays the default."""
+    v = os.environ.get("MOE2EDGE_GELU_ERF", "libdevice")
+    if v not in ("poly", "libdevice"):
+        raise ValueError(f"MOE2EDGE_GELU_ERF={v!r}: expected poly or libdevice")
+    return v == "poly"
+
+
+def tuned_configs() -> dict:
+    """The autotuner's picks so far, {kernel: {key: config}} as strings (for the benchmark's report)."""
+    return {n: {str(k): str(c) for k, c in getattr(t, "cache", {}).items()} for n, t in _TUNED.items()}
 
 
 def _dot_flags(dtype: torch.dtype) -> dict:
@@ -163,32 +182,48 @@ def expert_counts_triton(experts: Tensor, num_experts: int) -> Tensor:
     return bc.sum(0)
 
 
+def _sort(experts: Tensor, num_experts: int, top_k: int | None):
+    """sort_by_expert_triton's work; with top_k also src = sorted_idx // top_k (written by the scatter)."""
+    flat = experts.reshape(-1).contiguous()  # (R,)
+    N = flat.numel()
+    bc, E_P2, block = _block_counts(flat, num_experts)  # (NB, E)
+    NB = bc.shape[0]
+    dev = flat.device
+    counts = torch.empty(num_experts, device=dev, dtype=torch.int64)
+    offsets = torch.empty(num_experts + 1, device=dev, dtype=torch.int64)
+    base = torch.empty(NB, num_experts, device=dev, dtype=torch.int64)  # (NB, E) first destinations
+    if NB == 0:
+        counts.zero_()
+        offsets.zero_()
+    else:
+        block_b = 16 if _interpret() else max(16, min(256, 8192 // E_P2))
+        _k.expert_prefix_kernel[(1,)](bc, base, counts, offsets, NB, num_experts, E_P2=E_P2, BLOCK_B=block_b)
+    sorted_idx = torch.empty(N, device=dev, dtype=torch.int64)
+    pos = torch.empty(N, device=dev, dtype=torch.int64)
+    src = torch.empty(N if top_k else 0, device=dev, dtype=torch.int64)
+    if N:
+        _k.scatter_sorted_kernel[(NB,)](
+            flat, base, sorted_idx, pos, src if top_k else pos, N, num_experts, top_k or 1,
+            E_P2=E_P2, BLOCK=block, WRITE_SRC=bool(top_k),
+        )
+    return sorted_idx, pos, counts, offsets, src
+
+
 def sort_by_expert_triton(experts: Tensor, num_experts: int):
     """Stable counting sort of the flat (R,) assignments by expert; see sort_by_expert_ref.
 
-    Two Triton passes (per-block histogram, then per-block ranks via a cumsum over a one-hot) and a
-    tiny (NB, E) prefix sum in between; no host sync, so it is safe under torch.compile and CUDA graphs.
-    Returns sorted_idx (R,), pos (R,), counts (E,), offsets (E+1,), all int64.
+    Three Triton launches: per-block histogram, a one-program prefix sum (counts, offsets and each
+    block's first destinations), then per-block ranks via a cumsum over a one-hot. No host sync, so it
+    is safe under torch.compile and CUDA graphs. Returns sorted_idx (R,), pos (R,), counts (E,),
+    offsets (E+1,), all int64.
     """
-    flat = experts.reshape(-1).contiguous()  # (R,)
-    N = flat.numel()
-    bc, E_P2, block = _block_counts(flat, num_experts)
-    counts = bc.sum(0)  # (E,)
-    offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])  # (E+1,)
-    base = (offsets[:-1].unsqueeze(0) + torch.cumsum(bc, 0) - bc).contiguous()  # (NB, E) first dest
-    sorted_idx = torch.empty(N, device=flat.device, dtype=torch.int64)
-    pos = torch.empty(N, device=flat.device, dtype=torch.int64)
-    if N:
-        _k.scatter_sorted_kernel[(bc.shape[0],)](
-            flat, base, sorted_idx, pos, N, num_experts, E_P2=E_P2, BLOCK=block
-        )
-    return sorted_idx, pos, counts, offsets
+    return _sort(experts, num_experts, None)[:4]
 
 
 def _grouped_gemm(
     a: Tensor, a_rows: Tensor | None, b: Tensor, b_strides: tuple[int, int, int], offsets: Tensor,
     out: Tensor, N: int, K: int, *, scale: Tensor | None = None, z: Tensor | None = None,
-    epi: int = 0, store_z: bool = False,
+    epi: int = 0, store_z: bool = False, erf_poly: bool | None = None,
 ) -> Tensor:
     """out[r, :N] = epi(scale[r] * a[a_rows[r], :K] @ B[e(r)]), B[e][k, n] = b[e*s0 + k*s1 + n*s2]."""
     R = out.shape[0]
@@ -209,7 +244,7 @@ def _grouped_gemm(
     )
     flags = dict(
         GATHER=a_rows is not None, HAS_SCALE=scale is not None, EPI=epi, STORE_Z=store_z,
-        E_P2=_pow2(E), **_dot_flags(a.dtype),
+        E_P2=_pow2(E), ERF_POLY=_erf_poly() if erf_poly is None else erf_poly, **_dot_flags(a.dtype),
     )
 
     def grid(meta):
@@ -287,11 +322,12 @@ def _w_kn(w: Tensor, transpose: bool) -> tuple[int, int, int]:
     return (s_e, s_h, s_f) if transpose else (s_e, s_f, s_h)
 
 
-def _gemm1(x, src, w1, offsets, store_z: bool):
+def _gemm1(x, src, w1, offsets, store_z: bool, erf_poly: bool | None = None):
     R, Fd, H = src.numel(), w1.shape[1], x.shape[1]
     h = torch.empty(R, Fd, device=x.device, dtype=x.dtype)
     z = torch.empty(R if store_z else 0, Fd, device=x.device, dtype=x.dtype)
-    _grouped_gemm(x, src, w1, _w_kn(w1, True), offsets, h, Fd, H, z=z if store_z else None, epi=1, store_z=store_z)
+    _grouped_gemm(x, src, w1, _w_kn(w1, True), offsets, h, Fd, H, z=z if store_z else None, epi=1,
+                  store_z=store_z, erf_poly=erf_poly)
     return h, z
 
 
@@ -355,8 +391,7 @@ def _moe_mlp_fwd(
     """(out, sorted_idx, pos, offsets, h, z, y); all but out are residuals for the backward."""
     T, H = x.shape
     K = experts.shape[1]
-    sorted_idx, pos, _, offsets = sort_by_expert_triton(experts, w1.shape[0])
-    src = sorted_idx // K  # (R,) token of each sorted row
+    sorted_idx, pos, _, offsets, src = _sort(experts, w1.shape[0], K)  # src (R,): token of each sorted row
     h, z = _gemm1(x, src, w1, offsets, store_z=save_z)  # (R, F) each
     y = torch.empty(T * K, H, device=x.device, dtype=x.dtype)
     _grouped_gemm(h, None, w2, _w_kn(w2, False), offsets, y, H, w1.shape[1])  # (R, H)

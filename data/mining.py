@@ -1,0 +1,102 @@
+"""Data steps of the recipe (spec section 3): consistency filtering and hard-negative mining.
+
+Both take any encoder with the project's ``encode(texts, *, prompt, dim, batch_size)`` (the paper
+used multilingual-e5-small, which ``moe2edge.data.encoders.E5Encoder`` wraps) and lists of ``Pair``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from moe2edge.data.readers import Pair
+
+log = logging.getLogger(__name__)
+
+
+def _embed_pairs(pairs: list[Pair], encoder, batch_size: int):
+    q = encoder.encode([p.query for p in pairs], prompt="search_query", batch_size=batch_size)
+    d = encoder.encode([p.positive for p in pairs], prompt="search_document", batch_size=batch_size)
+    return q, d
+
+
+def consistency_filter(pairs: list[Pair], encoder, *, top_k: int = 2, shard_size: int = 100_000,
+                       batch_size: int = 64) -> tuple[list[Pair], dict]:
+    """Keep a pair only if its own document ranks in its query's top-k among the shard's documents.
+
+    The paper embeds each 1M-pair shard and keeps pairs whose document is in the query's top-2.
+    """
+    if not pairs:
+        raise ValueError("no pairs to filter")
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    kept: list[Pair] = []
+    for s in range(0, len(pairs), shard_size):
+        shard = pairs[s : s + shard_size]
+        q, d = _embed_pairs(shard, encoder, batch_size)
+        for i in range(0, len(shard), 1024):
+            scores = q[i : i + 1024] @ d.T  # (b, N)
+            own = scores[np.arange(len(scores)), np.arange(i, i + len(scores))]
+            rank = (scores > own[:, None]).sum(1)  # documents scoring strictly higher than the own one
+            kept.extend(p for p, r in zip(shard[i : i + 1024], rank) if r < top_k)
+    stats = {"input": len(pairs), "kept": len(kept), "dropped": len(pairs) - len(kept), "top_k": top_k}
+    log.info("consistency filter: kept %d of %d pairs (own document in the query's top-%d)", len(kept), len(pairs),
+             top_k)
+    return kept, stats
+
+
+def mine_hard_negatives(pairs: list[Pair], encoder, *, num_negatives: int = 4, candidates: int = 20,
+                        margin: float = 0.95, batch_size: int = 64) -> tuple[list[Pair], dict]:
+    """Attach hard negatives: of the query's top ``candidates`` documents (other pairs' positives),
+    keep those scoring below ``margin`` x the positive's score (positive-aware, spec section 3).
+    Pairs that end with fewer than ``num_negatives`` are dropped (counted in the stats).
+    """
+    if not pairs:
+        raise ValueError("no pairs to mine")
+    if not 0 < margin <= 1:
+        raise ValueError(f"margin must be in (0, 1], got {margin}")
+    if num_negatives < 1 or candidates < num_negatives:
+        raise ValueError(f"need 1 <= num_negatives ({num_negatives}) <= candidates ({candidates})")
+    docs = sorted({p.positive for p in pairs})
+    doc_index = {t: i for i, t in enumerate(docs)}
+    q = encoder.encode([p.query for p in pairs], prompt="search_query", batch_size=batch_size)
+    d = encoder.encode(docs, prompt="search_document", batch_size=batch_size)
+    out: list[Pair] = []
+    too_few = filtered_by_margin = 0
+    for i in range(0, len(pairs), 512):
+        scores = q[i : i + 512] @ d.T  # (b, N)
+        top = np.argsort(-scores, axis=1, kind="stable")[:, : candidates + 1]
+        for j, p in enumerate(pairs[i : i + 512]):
+            pos = doc_index[p.positive]
+            pos_score = scores[j, pos]
+            negs = []
+            for c in top[j]:
+                if c == pos:
+                    continue
+                if scores[j, c] >= margin * pos_score:  # likely a false negative: too close to the positive
+                    filtered_by_margin += 1
+                    continue
+                negs.append(docs[c])
+                if len(negs) == num_negatives:
+                    break
+            if len(negs) < num_negatives:
+                too_few += 1
+                continue
+            out.append(Pair(p.query, p.positive, tuple(negs), p.language))
+    stats = {"input": len(pairs), "kept": len(out), "dropped_too_few": too_few,
+             "candidates_over_margin": filtered_by_margin, "margin": margin, "num_negatives": num_negatives}
+    log.info("hard negatives: %d pairs with %d negatives each (%d dropped, %d candidates over the margin)",
+             len(out), num_negatives, too_few, filtered_by_margin)
+    return out, stats
+
+
+def write_pairs(path, pairs: list[Pair]) -> None:
+    """JSONL (query, positive, negatives, language), atomically."""
+    import json
+
+    from moe2edge._io import atomic_write_text
+
+    lines = [json.dumps({"query": p.query, "positive": p.positive, "negatives": list(p.negatives),
+                         "language": p.language}, ensure_ascii=False) for p in pairs]
+    atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
