@@ -14,7 +14,7 @@ import logging
 import sys
 
 # Order = order in --help. A module missing here would be a packaging bug, so import errors surface.
-COMMAND_MODULES = ["cmd_demo", "cmd_data", "cmd_teacher", "cmd_eval", "cmd_report", "cmd_embed"]
+COMMAND_MODULES = ["cmd_demo", "cmd_data", "cmd_teacher", "cmd_distill", "cmd_eval", "cmd_report", "cmd_embed"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from moe2edge._malloc import tune_malloc
+
+    tune_malloc()  # before torch starts threads: keeps long CPU runs from fragmenting memory
     parser = build_parser()
     args = parser.parse_args(argv)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO

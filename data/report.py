@@ -129,13 +129,16 @@ def scatter_png(runs: list[dict], *, metric: str = "ndcg@10") -> bytes | None:
         ax.annotate(name, (x, y), xytext=(6, 6), textcoords="offset points", fontsize=9)
     xs = [p[1] for p in pts]
     if max(xs) / max(min(xs), 1e-3) > 20:
+        from matplotlib.ticker import FuncFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     ys = [p[2] for p in pts]
     pad = max(0.02, (max(ys) - min(ys)) * 0.15)
     ax.set_ylim(max(0.0, min(ys) - pad), min(1.0, max(ys) + pad))
     ax.set_xlim(min(xs) / 1.6 if ax.get_xscale() == "log" else 0, max(xs) * 1.35)
     ax.set_xlabel("latency p50, ms per query (batch 1, 128 tokens, 1 thread)")
-    ax.set_ylabel(f"{metric} (all queries)")
+    ax.set_ylabel(f"{metric.replace('ndcg', 'nDCG')} (all queries, all languages)")
     ax.set_title("Quality vs latency (up and left is better)")
     ax.grid(True, alpha=0.3, zorder=0)
     fig.tight_layout()

@@ -226,6 +226,9 @@ class Trainer:
     history: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
+        from moe2edge._malloc import tune_malloc
+
+        tune_malloc()  # see moe2edge/_malloc.py: flat memory over long CPU runs
         self.model = self.embedder.model
         mcfg = self.model.config
         self.dims = self.cfg.matryoshka_dims or mcfg.matryoshka_dims or (mcfg.hidden_size,)

@@ -4,6 +4,10 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
+from moe2edge._malloc import tune_malloc  # noqa: E402
+
+tune_malloc()
+
 
 @pytest.fixture(scope="session")
 def minilm():

@@ -106,3 +106,18 @@ def test_frozen_benchmark_matches_its_manifest():
     for q in ds.queries:
         langs[ds.languages[q]] = langs.get(ds.languages[q], 0) + 1
     assert langs == m["benchmark"]["queries_per_language"] and langs["en"] == 1000
+
+
+def test_cli_data_build_prints_counts_and_leakage(tmp_path, capsys):
+    import argparse
+
+    from moe2edge.compile import cmd_data
+
+    p = argparse.ArgumentParser()
+    cmd_data.register(p.add_subparsers())
+    args = p.parse_args(["data", "build", "--lists", str(FIXTURE), "--out", str(tmp_path), "--test-fraction", "0.4"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "sha256 verified: True" in out and "leakage check: 0 of" in out
+    assert "queries per language: en " in out and "train pairs ->" in out
+    assert (tmp_path / "benchmark" / "manifest.json").is_file() and (tmp_path / "train" / "pairs.jsonl").is_file()

@@ -1,0 +1,271 @@
+"""Static student (model2vec-style): one embedding row per vocabulary token, mean-pooled; no
+transformer at run time.
+
+    static = distill_static(teacher, dim=256, weighting="sif", corpus=texts)
+    static.save("runs/students/static"); static = load_static("runs/students/static")
+    static.encode(["how to ..."])   # same signature as the teacher's Embedder.encode
+
+Recipe (MinishLab/model2vec ``distill``): embed every vocabulary token through the teacher
+(``[CLS] tok [SEP]``, mean-pooled like the teacher pools a text), PCA to ``dim`` (the components
+are ordered by variance, so Matryoshka truncation of the output keeps working), then weight each
+row by token frequency: ``"zipf"`` assumes the vocabulary is frequency-ordered (model2vec's
+default, p ~ 1/rank), ``"sif"`` counts tokens on a real corpus (a / (a + p), Arora et al. 2017).
+``StaticModel`` is an ``nn.Module`` with the teacher's forward / embed interface so the teacher's
+Trainer can fine-tune the table (tokenlearn-style distillation).
+
+Folder format: ``model.safetensors`` (one tensor ``embeddings`` (V, d) float32), ``tokenizer.json``,
+``config.json`` (``model_type: moe2edge_static``), ``student_manifest.json``.
+
+Dimension legend: V vocabulary, d static dim, D teacher hidden size, B batch, S sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from moe2edge.teacher.model import EmbeddingOutput, EncoderOutput, mean_pool, truncate_normalize
+
+log = logging.getLogger(__name__)
+
+MODEL_TYPE = "moe2edge_static"
+WEIGHTINGS = ("none", "zipf", "sif")
+
+
+@dataclass
+class StaticConfig:
+    """The few fields of TeacherConfig that the Trainer and Embedder read, for a lookup table."""
+
+    vocab_size: int
+    hidden_size: int  # the static dim d
+    pad_token_id: int = 0
+    max_seq_length: int = 512
+    matryoshka_dims: tuple[int, ...] = ()
+    prompts: dict[str, str] = field(default_factory=dict)
+    router_aux_loss_coef: float = 0.0
+    gradient_checkpointing: bool = False
+    num_experts: int = 0
+    moe_layers: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.matryoshka_dims = tuple(int(d) for d in (self.matryoshka_dims or (self.hidden_size,)))
+
+    def to_dict(self) -> dict:
+        return {"model_type": MODEL_TYPE, "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+                "pad_token_id": self.pad_token_id, "max_seq_length": self.max_seq_length,
+                "matryoshka_dims": list(self.matryoshka_dims), "prompts": dict(self.prompts)}
+
+
+class StaticModel(nn.Module):
+    """Token table as a model: forward(ids, mask) -> EncoderOutput(table[ids], []) (trainable)."""
+
+    def __init__(self, cfg: StaticConfig, table: torch.Tensor | None = None):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        if table is not None:
+            self.embeddings.weight.data.copy_(table)
+
+    def forward(self, input_ids, attention_mask=None) -> EncoderOutput:
+        return EncoderOutput(self.embeddings(input_ids), [])  # (B, S, d)
+
+    def embed(self, input_ids, attention_mask=None, dim=None) -> EmbeddingOutput:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        pooled = mean_pool(self(input_ids).last_hidden_state, attention_mask)
+        return EmbeddingOutput(truncate_normalize(pooled, dim), pooled, [])
+
+    def num_parameters(self) -> int:
+        return self.embeddings.weight.numel()
+
+    def num_active_parameters(self) -> int:
+        return self.num_parameters()
+
+
+class StaticEmbedder:
+    """numpy-only inference: tokenise, look up, mean, L2-normalise. ``encode`` = Embedder.encode."""
+
+    def __init__(self, table: np.ndarray, tokenizer_file: str | Path, cfg: StaticConfig, *, name: str = "static"):
+        from tokenizers import Tokenizer as HFTokenizer
+
+        self.table = np.ascontiguousarray(table, dtype=np.float32)  # (V, d)
+        self.config = cfg
+        self.tokenizer_file = Path(tokenizer_file)
+        self.tok = HFTokenizer.from_file(str(tokenizer_file))
+        self.tok.no_padding()
+        self.tok.enable_truncation(max_length=cfg.max_seq_length)
+        self.name = name
+        self.manifest: dict = {}
+
+    @property
+    def dim(self) -> int:
+        return int(self.table.shape[1])
+
+    @property
+    def num_parameters(self) -> int:  # eval's model_info reads an int attribute
+        return int(self.table.size)
+
+    def prefix(self, prompt: str | None) -> str:
+        if prompt is None or not self.config.prompts:
+            return ""
+        if prompt not in self.config.prompts:
+            raise ValueError(f"unknown prompt {prompt!r}; this model knows: {', '.join(self.config.prompts)}")
+        return self.config.prompts[prompt]
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        return [len(e.ids) for e in self.tok.encode_batch(list(texts))]
+
+    def set_num_threads(self, n: int) -> None:
+        """Lookup + mean is single-threaded numpy; nothing to set (kept for measure_latency)."""
+
+    def encode(self, texts, *, prompt: str | None = None, dim: int | None = None, batch_size: int = 32,
+               show_progress: bool | None = None) -> np.ndarray:
+        """Embed texts -> (N, dim) float32, L2-normalised after Matryoshka truncation."""
+        from moe2edge.teacher.embedder import _check_texts
+
+        texts = _check_texts(texts)
+        if dim is not None and not 1 <= dim <= self.dim:
+            raise ValueError(f"dim must be in [1, {self.dim}], got {dim}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        d = dim or self.dim
+        out = np.empty((len(texts), d), dtype=np.float32)
+        pre = self.prefix(prompt)
+        table = self.table[:, :d]
+        for s in range(0, len(texts), batch_size):
+            encs = self.tok.encode_batch([pre + t for t in texts[s:s + batch_size]])
+            for j, e in enumerate(encs):
+                out[s + j] = table[e.ids].mean(0) if e.ids else 0.0
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, 1e-12)
+
+    # -- I/O ---------------------------------------------------------------------------------
+    def save(self, path: str | Path, *, manifest: dict | None = None) -> Path:
+        from safetensors.numpy import save_file
+
+        from moe2edge._io import atomic_dir
+
+        path = Path(path)
+        with atomic_dir(path) as tmp:
+            save_file({"embeddings": self.table}, str(tmp / "model.safetensors"), metadata={"format": "np"})
+            (tmp / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+            shutil.copy2(self.tokenizer_file, tmp / "tokenizer.json")
+            if manifest is not None or self.manifest:
+                (tmp / "student_manifest.json").write_text(
+                    json.dumps(manifest or self.manifest, indent=2, ensure_ascii=False) + "\n")
+        log.info("saved static student %s", path)
+        return path
+
+    def to_model(self) -> StaticModel:
+        return StaticModel(self.config, torch.from_numpy(self.table.copy()))
+
+
+def is_static(path: str | Path) -> bool:
+    f = Path(path) / "config.json"
+    try:
+        return json.loads(f.read_text()).get("model_type") == MODEL_TYPE
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
+def load_static(path: str | Path) -> StaticEmbedder:
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    cfg_d = json.loads((path / "config.json").read_text())
+    if cfg_d.get("model_type") != MODEL_TYPE:
+        raise ValueError(f"{path}: model_type {cfg_d.get('model_type')!r} is not {MODEL_TYPE!r}")
+    cfg_d.pop("model_type")
+    cfg = StaticConfig(**cfg_d)
+    table = load_file(str(path / "model.safetensors"))["embeddings"]
+    if table.shape != (cfg.vocab_size, cfg.hidden_size):
+        raise ValueError(f"{path}: table {table.shape} does not match config ({cfg.vocab_size}, {cfg.hidden_size})")
+    emb = StaticEmbedder(table, path / "tokenizer.json", cfg, name=path.name)
+    mf = path / "student_manifest.json"
+    emb.manifest = json.loads(mf.read_text()) if mf.exists() else {}
+    emb.artifact_bytes = (path / "model.safetensors").stat().st_size
+    return emb
+
+
+# ------------------------------------------------------------------------------------ distil
+
+
+@torch.no_grad()
+def token_embeddings(teacher, *, batch_size: int = 1024) -> np.ndarray:
+    """(V, D): each vocabulary token through the teacher as ``[CLS] tok [SEP]``, mean-pooled."""
+    tok = teacher.tokenizer.tok
+    V = teacher.model.config.vocab_size
+    vocab_size = tok.get_vocab_size()
+    specials = [tok.token_to_id(t) for t in ("[CLS]", "[SEP]")]
+    if None in specials:  # SentencePiece-style (<s>, </s>)
+        specials = [tok.token_to_id(t) for t in ("<s>", "</s>")]
+    cls_id, sep_id = specials if None not in specials else (None, None)
+    out = np.zeros((V, teacher.model.config.hidden_size), dtype=np.float32)
+    model = teacher.model.eval()
+    ids_all = torch.arange(min(V, vocab_size))
+    for s in range(0, len(ids_all), batch_size):
+        mid = ids_all[s:s + batch_size, None]  # (B, 1)
+        parts = ([torch.full_like(mid, cls_id)] if cls_id is not None else []) + [mid] + \
+                ([torch.full_like(mid, sep_id)] if sep_id is not None else [])
+        ids = torch.cat(parts, dim=1)  # (B, 3)
+        out[s:s + len(mid)] = model.embed(ids, torch.ones_like(ids)).pooled.float().numpy()
+    return out
+
+
+def token_frequencies(tokenizer_file: str | Path, corpus: list[str], vocab_size: int) -> np.ndarray:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    tok = HFTokenizer.from_file(str(tokenizer_file))
+    tok.no_padding()
+    tok.no_truncation()
+    counts = np.zeros(vocab_size, dtype=np.float64)
+    for s in range(0, len(corpus), 1024):
+        for e in tok.encode_batch(corpus[s:s + 1024]):
+            np.add.at(counts, np.asarray(e.ids, dtype=np.int64), 1)
+    return counts
+
+
+def pca(x: np.ndarray, dim: int) -> np.ndarray:
+    """Center and project onto the top ``dim`` principal components (ordered by variance)."""
+    xc = x - x.mean(0, keepdims=True)
+    _, _, vt = np.linalg.svd(xc.astype(np.float64), full_matrices=False)  # vt (D, D)
+    return (xc @ vt[:dim].T).astype(np.float32)
+
+
+def distill_static(teacher, *, dim: int | None = 256, weighting: str = "sif", corpus: list[str] | None = None,
+                   sif_coefficient: float = 1e-3, batch_size: int = 1024) -> StaticEmbedder:
+    """Build a StaticEmbedder from a teacher Embedder (training-free; fine-tune with ``distill``)."""
+    if weighting not in WEIGHTINGS:
+        raise ValueError(f"unknown weighting {weighting!r}; choose one of {', '.join(WEIGHTINGS)}")
+    D = teacher.model.config.hidden_size
+    if dim is not None and not 1 <= dim <= D:
+        raise ValueError(f"dim={dim} must be in [1, {D}] (the teacher's hidden size); None keeps {D} without PCA")
+    if weighting == "sif" and not corpus:
+        raise ValueError("weighting='sif' needs a corpus of texts to count token frequencies")
+    tok_file = Path(teacher.tokenizer.dir) / "tokenizer.json"
+    table = token_embeddings(teacher, batch_size=batch_size)  # (V, D)
+    if dim is not None and dim < D:
+        table = pca(table, dim)  # (V, d)
+    V = table.shape[0]
+    if weighting == "zipf":
+        p = 1.0 / np.arange(1, V + 1)  # model2vec: vocabulary assumed sorted by frequency
+        w = sif_coefficient / (sif_coefficient + p / p.sum())
+        table = table * w[:, None].astype(np.float32)
+    elif weighting == "sif":
+        counts = token_frequencies(tok_file, corpus, V)
+        p = (counts + 1.0) / (counts.sum() + V)  # add-one smoothing: unseen tokens get the largest weight
+        w = sif_coefficient / (sif_coefficient + p)
+        table = table * w[:, None].astype(np.float32)
+    cfg = StaticConfig(vocab_size=V, hidden_size=table.shape[1], pad_token_id=teacher.model.config.pad_token_id,
+                       max_seq_length=teacher.model.config.max_seq_length,
+                       matryoshka_dims=tuple(dict.fromkeys(d for d in (table.shape[1], 128) if d <= table.shape[1])),
+                       prompts=dict(teacher.model.config.prompts))
+    log.info("static table %s (weighting=%s)", table.shape, weighting)
+    return StaticEmbedder(table, tok_file, cfg)
