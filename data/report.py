@@ -136,7 +136,8 @@ def scatter_png(runs: list[dict], *, metric: str = "ndcg@10") -> bytes | None:
     ys = [p[2] for p in pts]
     pad = max(0.02, (max(ys) - min(ys)) * 0.15)
     ax.set_ylim(max(0.0, min(ys) - pad), min(1.0, max(ys) + pad))
-    ax.set_xlim(min(xs) / 1.6 if ax.get_xscale() == "log" else 0, max(xs) * 1.35)
+    log_x = ax.get_xscale() == "log"
+    ax.set_xlim(min(xs) / 1.6 if log_x else 0, max(xs) * (4 if log_x else 1.35))  # room for the labels
     ax.set_xlabel("latency p50, ms per query (batch 1, 128 tokens, 1 thread)")
     ax.set_ylabel(f"{metric.replace('ndcg', 'nDCG')} (all queries, all languages)")
     ax.set_title("Quality vs latency (up and left is better)")
@@ -153,6 +154,7 @@ def _atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be read
     os.replace(tmp, path)
 
 

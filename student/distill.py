@@ -101,11 +101,11 @@ class Distiller(nn.Module):
             sd = self.proj(d_pooled) if self.proj is not None else d_pooled
             e = 0.5 * (embedding_loss(sq, t_q, L.embedding_loss) + embedding_loss(sd, t_d, L.embedding_loss))
             total = total + L.embedding_weight * e
-            parts["embedding"] = float(e)
+            parts["embedding"] = float(e.detach())
         if L.similarity_weight:
             k = similarity_kl(q_pooled, d_pooled, t_q, t_d, L.similarity_temperature)
             total = total + L.similarity_weight * k
-            parts["similarity_kl"] = float(k)
+            parts["similarity_kl"] = float(k.detach())
         if L.contrastive_weight != 1.0:
             # The Trainer always adds InfoNCE with weight 1; add (w - 1) x the same loss (single process:
             # d_pooled is the whole pool, labels are arange) so the effective weight is w.

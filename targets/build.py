@@ -254,12 +254,14 @@ def compile_engine(
         files = dict(target.finalize(art, tmp, cfg))  # {"model_file": ..., other engine.json keys}
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
         spec = {
-            "format": ENGINE_FORMAT, "name": name or out_dir.name, "target": cfg.target, "precision": cfg.precision,
+            "format": ENGINE_FORMAT, "target": cfg.target, "precision": cfg.precision,
             "runtime": target.runtime, "model_file": files.pop("model_file"), "input_names": ["input_ids", "attention_mask"], "output_name": "sentence_embedding",
             "dim": dim, "hidden_size": mcfg.hidden_size, "max_seq_length": mcfg.max_seq_length,
             "pad_token_id": mcfg.pad_token_id, "prompts": dict(mcfg.prompts), "tokenizer": "tokenizer.json",
         }
         spec.update(files)
+        if name:  # not the folder name by default: the same inputs must give the same files wherever written
+            spec["name"] = name
         if cfg.target == "openvino":
             spec["ov_precision_hint"] = cfg.ov_precision_hint
         (tmp / ENGINE_FILE).write_text(json.dumps(spec, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -143,7 +143,7 @@ def count_matmul_flops(path: str | Path, feeds: dict[str, np.ndarray]) -> dict:
             if t not in existing and t not in want:
                 want.append(t)
     for t in want:
-        model.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.UNDEFINED, None))
+        model.graph.output.append(onnx.helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None))  # MatMul data: float
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the nodes we named
     so.log_severity_level = 3

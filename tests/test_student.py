@@ -21,9 +21,18 @@ from moe2edge.teacher.embedder import Embedder
 from moe2edge.teacher.train import TrainConfig
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The CI box is shared: one thread is the fastest and the most repeatable."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def texts():
-    return [long for _, long in installed_descriptions(limit=48)]
+    return [long[:240] for _, long in installed_descriptions(limit=24)]
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +60,7 @@ def moe(minilm):
 
 @pytest.fixture(scope="module")
 def calib(moe, minilm, texts):
-    return calibrate(moe, minilm.tokenizer, texts, max_tokens=1500)
+    return calibrate(moe, minilm.tokenizer, texts, max_tokens=600)
 
 
 def _pooled(model, tok, texts):
@@ -63,20 +72,21 @@ def _pooled(model, tok, texts):
 # ----------------------------------------------------------------------------- equivalences
 
 
-@pytest.mark.parametrize("merge", [False, True])
-@pytest.mark.parametrize("score", ["router", "output_norm"])
-def test_pruned_keeping_everything_is_the_teacher(moe, calib, minilm, texts, merge, score):
-    student = prune_experts(moe, calib, num_experts=8, top_k=2, score=score, merge=merge)
-    assert student.config == moe.config
-    for (n, a), (_, b) in zip(student.state_dict().items(), moe.state_dict().items()):
-        assert torch.equal(a, b), n  # copied weights: exact
-    assert torch.equal(_pooled(student, minilm.tokenizer, texts[:8]), _pooled(moe, minilm.tokenizer, texts[:8]))
+def test_pruned_keeping_everything_is_the_teacher(moe, calib, minilm, texts):
+    ref = _pooled(moe, minilm.tokenizer, texts[:8])
+    for score in ("router", "output_norm"):
+        for merge in (False, True):
+            student = prune_experts(moe, calib, num_experts=8, top_k=2, score=score, merge=merge)
+            assert student.config == moe.config
+            for (n, a), (_, b) in zip(student.state_dict().items(), moe.state_dict().items()):
+                assert torch.equal(a, b), (score, merge, n)  # copied weights: exact
+    assert torch.equal(_pooled(student, minilm.tokenizer, texts[:8]), ref)
 
 
 def test_dense_from_identical_experts_equals_the_moe(minilm, texts):
     # keep_biases + normalize: every expert = the dense FFN (with b1), gate mass 1 -> MoE == dense parent
     moe = upcycle(minilm.model, keep_biases=True, normalize=True, seed=1).eval()
-    cal = calibrate(moe, minilm.tokenizer, texts, max_tokens=800)
+    cal = calibrate(moe, minilm.tokenizer, texts, max_tokens=400)
     dense = densify(moe, cal, init="merge", rescale=False)
     assert not dense.config.moe_layers
     tok = minilm.tokenizer
@@ -97,7 +107,7 @@ def test_rescale_restores_the_gate_mass(minilm, texts):
     with torch.no_grad():
         for i in moe.config.moe_layers:
             moe.encoder.layers[i].mlp.router.layer.weight.mul_(20)
-    cal = calibrate(moe, minilm.tokenizer, texts, max_tokens=800)
+    cal = calibrate(moe, minilm.tokenizer, texts, max_tokens=400)
     tok = minilm.tokenizer
     ref = torch.nn.functional.normalize(_pooled(moe, tok, texts[:16]), dim=-1)
 
@@ -272,10 +282,10 @@ def test_pruned_student_distils_saves_with_lineage_and_loads(moe, calib, minilm,
     tdir = teacher.save(tmp_path / "teacher")
     student = Embedder(prune_experts(moe, calib, num_experts=2, top_k=1, merge=True), minilm.tokenizer)
     w0 = student.model.encoder.layers[1].mlp.experts.mlp.w1.detach().clone()
-    hist = distill(student, teacher, pairs, train=TrainConfig(steps=2, batch_size=4, warmup_steps=0, doc_max_len=48),
+    hist = distill(student, teacher, pairs, train=TrainConfig(steps=1, batch_size=4, warmup_steps=0, doc_max_len=32),
                    progress=False)
     assert {"embedding", "similarity_kl", "contrastive"} <= set(hist[-1])
-    assert not torch.equal(w0, student.model.encoder.layers[1].mlp.experts.mlp.w1)
+    assert not torch.equal(w0, student.model.encoder.layers[1].mlp.experts.mlp.w1)  # it learned
     m = manifest(kind="pruned", teacher_path=tdir, recipe={"student": {"kind": "pruned"}}, pairs=pairs,
                  calibration=calib.summary(), history=hist, student_model=student.model)
     out = save_student(student, tmp_path / "student", manifest_dict=m)

@@ -1,0 +1,316 @@
+"""Compile targets: registry, sparse export, verification, manifests, INT8, errors, torch-free runtime.
+
+The model is a 2-layer cut of all-MiniLM-L6-v2 (real weights, real WordPiece tokenizer) upcycled to
+4 experts top-2 at layer 1: the project's teacher shape, small enough to export in seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxruntime")
+
+from moe2edge import targets  # noqa: E402
+from moe2edge.targets.base import CompileConfig  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def small_moe(tmp_path_factory):
+    """(model, checkpoint dir): MiniLM layers 0-1, upcycled (MoE at layer 1, 4 experts, top-2)."""
+    from moe2edge.teacher import load_embedder, minilm_path, upcycle
+    from moe2edge.teacher.embedder import Embedder
+
+    torch.manual_seed(0)
+    d = load_embedder(minilm_path())
+    d.model.encoder.layers = torch.nn.ModuleList(list(d.model.encoder.layers)[:2])
+    d.model.config = d.model.config.replace(num_layers=2, max_seq_length=64)
+    moe = upcycle(d.model, num_experts=4, top_k=2).eval()
+    ckpt = tmp_path_factory.mktemp("ckpt") / "small-moe"
+    Embedder(moe, d.tokenizer).save(ckpt)
+    from moe2edge.teacher.checkpoint import load_pretrained
+
+    return load_pretrained(ckpt), ckpt
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    from moe2edge.data.installed import installed_descriptions
+
+    allp = installed_descriptions(limit=None)
+    if len(allp) < 120:
+        pytest.skip("needs >= 120 package descriptions in /var/lib/dpkg/status")
+    return allp[0::2][:24], [t for p in allp[1::2][:48] for t in p]
+
+
+def _compile(model, ckpt, out, cfg, pairs, calib=None):
+    from moe2edge.targets.build import compile_engine
+
+    return compile_engine(model=model, tokenizer_file=ckpt / "tokenizer.json", out_dir=out, cfg=cfg,
+                          verify_pairs=pairs, calibration_texts=calib, source_hash="test")
+
+
+@pytest.fixture(scope="module")
+def onnx_fp32(small_moe, pairs, tmp_path_factory):
+    model, ckpt = small_moe
+    out = tmp_path_factory.mktemp("eng") / "onnx-fp32"
+    return _compile(model, ckpt, out, CompileConfig(target="onnx"), pairs[0]), out
+
+
+@pytest.fixture
+def cached_export(onnx_fp32, monkeypatch, tmp_path_factory):
+    """Reuse the fp32 fixture's sparse full-dim graph instead of re-exporting (export dominates test time;
+    the real export path is covered by onnx_fp32, the hash test and the FLOP test)."""
+    import shutil
+
+    from moe2edge.targets import torch_export
+
+    src = tmp_path_factory.mktemp("cache") / "model.onnx"
+    shutil.copyfile(onnx_fp32[1] / "model.onnx", src)
+
+    def fake_export(model, sample, path, *, dim=None, all_experts=False, opset=20):
+        assert dim is None and not all_experts
+        shutil.copyfile(src, path)
+        return Path(path)
+
+    monkeypatch.setattr(torch_export, "export_onnx", fake_export)
+
+
+# ------------------------------------------------------------------------------------ registry
+
+
+def test_registry_lists_targets_and_rejects_unknown():
+    assert targets.names()[:3] == ["onnx", "openvino", "tensorrt"]
+    with pytest.raises(targets.UnknownTargetError, match="valid targets: onnx, openvino, tensorrt"):
+        targets.get("coreml")
+    t = targets.get("onnx")
+    assert t.is_available() and hasattr(t, "export") and hasattr(t, "quantize") and hasattr(t, "load")
+
+
+def test_cli_unknown_target_lists_choices(small_moe, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "moe2edge.compile.cli", "compile", "--model", str(small_moe[1]),
+                        "--target", "coreml", "--out", str(tmp_path / "x")], capture_output=True, text=True)
+    assert r.returncode == 2 and "'onnx', 'openvino', 'tensorrt'" in r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------------------------ export
+
+
+def test_export_module_matches_model_sparse_and_all_experts(small_moe):
+    from moe2edge.targets.torch_export import ExportEmbedder
+
+    model, _ = small_moe
+    ids = torch.randint(1000, 5000, (3, 9))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        ref = model.embed(ids, mask).embeddings
+        for all_experts in (False, True):
+            got = ExportEmbedder(model, all_experts=all_experts)(ids, mask)
+            torch.testing.assert_close(got, ref, atol=2e-6, rtol=0)
+        got = ExportEmbedder(model, dim=128)(ids, mask)
+        torch.testing.assert_close(got, model.embed(ids, mask, dim=128).embeddings, atol=2e-6, rtol=0)
+
+
+def test_sparse_graph_has_real_routing_and_fewer_flops(small_moe, onnx_fp32, tmp_path):
+    import onnx
+
+    from moe2edge.targets.base import Sample
+    from moe2edge.targets.onnx_graph import count_matmul_flops
+    from moe2edge.targets.runtime import OrtEngine, Tokenizer
+    from moe2edge.targets.torch_export import export_onnx
+
+    model, ckpt = small_moe
+    tok = Tokenizer(ckpt / "tokenizer.json", max_length=64, pad_id=0)
+    sample = Sample(*tok(["a sample sentence here", "two"])[:2])
+    sparse = onnx_fp32[1] / "model.onnx"  # the engine's graph: sparse routing
+    dense = export_onnx(model, sample, tmp_path / "d.onnx", all_experts=True)
+    g = onnx.load(str(sparse))
+    ops = {n.op_type for n in g.graph.node}
+    assert {"NonZero", "ScatterND", "TopK"} <= ops  # routing + gather/scatter in the graph
+    assert [d.dim_param for d in g.graph.input[0].type.tensor_type.shape.dim] == ["batch", "sequence"]
+    assert g.graph.output[0].name == "sentence_embedding"
+    ids, mask, _ = tok(["the quick brown fox jumps over the lazy dog"] * 6 + ["short"] * 2)
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    fs, fd = count_matmul_flops(sparse, feeds), count_matmul_flops(dense, feeds)
+    assert fs["other"] == fd["other"]
+    # top-2 of 4 experts: every token runs 2 experts instead of 4 (pads routed too)
+    assert fs["experts"] * 2 == fd["experts"] and fs["total"] < fd["total"]
+    a, b = OrtEngine(sparse).run(ids, mask), OrtEngine(dense).run(ids, mask)
+    np.testing.assert_allclose(a, b, atol=2e-6)
+
+
+# ------------------------------------------------------------------------------------ compile + verify
+
+
+def test_onnx_fp32_engine_folder(onnx_fp32, small_moe):
+    manifest, out = onnx_fp32
+    names = {p.name for p in out.iterdir()}
+    assert {"model.onnx", "tokenizer.json", "engine.json", "manifest.json"} <= names
+    assert not any(n.startswith(".") for n in os.listdir(out.parent))  # no temp folders left behind
+    par = manifest["parity"]
+    assert par["cos_min"] >= 0.9999 and par["max_abs"] < 1e-4 and abs(par["ndcg@10_delta"]) < 1e-6
+    ident = manifest["identity"]
+    assert ident["target"] == "onnx" and ident["precision"] == "fp32" and ident["source"]["checkpoint_sha256"] == "test"
+    assert "timestamp" not in json.dumps(ident) and "model.onnx" in ident["files"]
+    # runtime encode == the teacher's Embedder.encode (same tokenizer, prompts, truncation)
+    from moe2edge.targets.runtime import load_engine
+    from moe2edge.teacher import load_embedder
+
+    texts = ["find files by name", "a chess engine with a graphical interface " * 20, ""]
+    ref = load_embedder(small_moe[1]).encode(texts, prompt="search_query")
+    got = load_engine(out).encode(texts, prompt="search_query", batch_size=2)
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    got128 = load_engine(out).encode(texts, dim=128)
+    np.testing.assert_allclose(got128, load_embedder(small_moe[1]).encode(texts, dim=128), atol=1e-5)
+
+
+def test_same_inputs_same_manifest_hash(onnx_fp32, small_moe, pairs, tmp_path):
+    model, ckpt = small_moe
+    again = _compile(model, ckpt, tmp_path / "again", CompileConfig(target="onnx"), pairs[0])
+    assert again["identity_sha256"] == onnx_fp32[0]["identity_sha256"]
+    assert again["identity"]["files"] == onnx_fp32[0]["identity"]["files"]
+
+
+def test_onnx_int8_dynamic(small_moe, pairs, tmp_path, cached_export):
+    model, ckpt = small_moe
+    man = _compile(model, ckpt, tmp_path / "i8", CompileConfig(target="onnx", precision="int8"), *pairs)
+    q = man["identity"]["artifact"]["quantizer"]
+    assert q["per_channel"] and q["graph"]["excluded_router"] == 1 and q["nodes"]["MatMulInteger"] > 0
+    assert man["parity"]["cos_min"] >= 0.99
+    assert man["identity"]["calibration"]["texts"] == len(pairs[1]) and man["identity"]["calibration"]["expert_tokens_min"] > 0
+
+
+def test_tensorrt_writes_verified_qdq_and_build_scripts(small_moe, pairs, tmp_path, cached_export):
+    import onnx
+
+    from moe2edge.targets.onnx_graph import mask_only_tensors
+
+    model, ckpt = small_moe
+    out = tmp_path / "trt"
+    man = _compile(model, ckpt, out, CompileConfig(target="tensorrt", precision="int8"), *pairs)
+    assert man["parity"]["cos_min"] >= 0.99
+    g = onnx.load(str(out / "model_qdq.onnx"))
+    qdq = [n for n in g.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert qdq and not any(n.input[0] in mask_only_tensors(g) for n in qdq)  # never on the additive mask
+    zps = [onnx.numpy_helper.to_array(i) for i in g.graph.initializer if i.name.endswith("_zero_point")]
+    assert zps and all(not z.any() and z.dtype == np.int8 for z in zps)  # symmetric int8
+    sh = (out / "build_engine.sh").read_text()
+    assert "trtexec --onnx=model_qdq.onnx --int8 --fp16 --minShapes=input_ids:1x1" in sh and "--maxShapes=" in sh
+    compile((out / "build_engine.py").read_text(), "build_engine.py", "exec")
+    spec = json.loads((out / "engine.json").read_text())
+    assert spec["runtime"] == "tensorrt" and "needs TensorRT + a CUDA GPU" in spec["engine_status"]
+
+
+@pytest.mark.gpu
+def test_tensorrt_engine_build():
+    if not targets.get("tensorrt").is_available():
+        pytest.skip("needs tensorrt and a CUDA GPU")
+
+
+# ------------------------------------------------------------------------------------ errors
+
+
+def test_int8_without_or_with_too_little_calibration(small_moe, pairs, tmp_path):
+    model, ckpt = small_moe
+    cfg = CompileConfig(target="onnx", precision="int8")
+    with pytest.raises(targets.CalibrationError, match="needs calibration data"):
+        _compile(model, ckpt, tmp_path / "a", cfg, pairs[0], None)
+    with pytest.raises(targets.CalibrationError, match="calibration text too short: 3 texts"):
+        _compile(model, ckpt, tmp_path / "b", cfg, pairs[0], ["one", "two", "three"])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_calibration_file_reader(tmp_path):
+    from moe2edge.targets.build import read_texts
+
+    (tmp_path / "c.txt").write_text("first text\n\nsecond text\n", encoding="utf-8")
+    assert read_texts(tmp_path / "c.txt") == ["first text", "second text"]
+    (tmp_path / "c.jsonl").write_text('{"query": "q1", "document": "d1"}\n{"text": "t2"}\n', encoding="utf-8")
+    assert read_texts(tmp_path / "c.jsonl") == ["q1", "d1", "t2"]
+    (tmp_path / "bad.txt").write_bytes(b"ok\n\xff\xfe\n")
+    with pytest.raises(targets.CalibrationError, match="not valid UTF-8 at line 2"):
+        read_texts(tmp_path / "bad.txt")
+    with pytest.raises(targets.CalibrationError, match="not found"):
+        read_texts(tmp_path / "missing.txt")
+
+
+def test_failed_verification_leaves_nothing(small_moe, pairs, tmp_path, cached_export):
+    import copy
+
+    model, ckpt = small_moe
+    broken = copy.deepcopy(model)
+    with torch.no_grad():
+        broken.encoder.layers[0].mlp.fc1.weight[0, 0] = float("nan")  # a checkpoint that cannot verify
+    out = tmp_path / "bad"
+    with pytest.raises(targets.VerificationError, match="non-finite") as ei:
+        _compile(broken, ckpt, out, CompileConfig(target="onnx"), pairs[0])
+    assert ei.value.parity["finite"] is False
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+def test_threshold_failure_names_the_numbers(small_moe, pairs, tmp_path, cached_export):
+    model, ckpt = small_moe
+    cfg = CompileConfig(target="onnx", precision="int8", int8_cos_min=0.99999999)
+    with pytest.raises(targets.VerificationError, match=r"cosine min 0\.9\d+ < 0\.99999999 \(mean"):
+        _compile(model, ckpt, tmp_path / "x", cfg, *pairs)
+    assert not (tmp_path / "x").exists()
+
+
+def test_target_runtime_absent(small_moe, pairs, tmp_path, monkeypatch):
+    from moe2edge.targets import openvino_target
+
+    monkeypatch.setattr(openvino_target, "has", lambda m: False)
+    with pytest.raises(targets.TargetUnavailableError, match=r"pip install 'moe2edge\[openvino\]'"):
+        _compile(small_moe[0], small_moe[1], tmp_path / "ov", CompileConfig(target="openvino"), pairs[0])
+    assert not (tmp_path / "ov").exists()
+
+
+# ------------------------------------------------------------------------------------ runtime / CLI
+
+
+def test_runtime_does_not_import_torch(onnx_fp32):
+    code = ("import sys\nfrom moe2edge.targets.runtime import load_engine\n"
+            f"e = load_engine({str(onnx_fp32[1])!r})\nx = e.encode(['hello world'], prompt='search_query')\n"
+            "assert x.shape == (1, 384) and abs(float((x * x).sum()) - 1) < 1e-5\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\nprint('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_cli_embed_engine(onnx_fp32, small_moe, tmp_path):
+    from moe2edge.compile.cli import main
+    from moe2edge.teacher import load_embedder
+
+    (tmp_path / "in.txt").write_text("find files by name\nweb browser\n", encoding="utf-8")
+    assert main(["embed", "--engine", str(onnx_fp32[1]), "--input", str(tmp_path / "in.txt"),
+                 "--output", str(tmp_path / "e.npy")]) == 0
+    ref = load_embedder(small_moe[1]).encode(["find files by name", "web browser"])
+    np.testing.assert_allclose(np.load(tmp_path / "e.npy"), ref, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_cli_compile_openvino_int8(small_moe, pairs, tmp_path, capsys, cached_export):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from moe2edge.compile.cli import main
+
+    out = tmp_path / "ov-int8"
+    (tmp_path / "calib.txt").write_text("\n".join(t.replace("\n", " ") for t in pairs[1]), encoding="utf-8")
+    rc = main(["compile", "--model", str(small_moe[1]), "--target", "openvino", "--int8", "--calibration",
+               str(tmp_path / "calib.txt"), "--out", str(out), "--verify-pairs", "24"])
+    assert rc == 0, capsys.readouterr().err
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["parity"]["cos_min"] >= 0.99 and man["identity"]["artifact"]["quantizer"]["ignored_scope"]["router_matmuls"] == 1
+    spec = json.loads((out / "engine.json").read_text())
+    assert spec["ov_precision_hint"] == "f32" and (out / "openvino_model.bin").exists()
