@@ -59,21 +59,40 @@ def cmd_table(args) -> int:
 
     torch.set_num_threads(1)
     ds = load_beir(args.data)
+    cache = Path(args.cache) if args.cache else None
+
+    def evaluate(path):
+        """(result, doc emb, query emb, latency) of one folder; cached per folder + checkpoint identity."""
+        key = None
+        if cache is not None:
+            ident = (Path(path) / "model.safetensors").stat().st_mtime_ns
+            key = cache / f"{Path(path).resolve().as_posix().replace('/', '_')}-{ident}"
+            if key.with_suffix(".npz").exists():
+                z = np.load(key.with_suffix(".npz"))
+                meta = json.loads(key.with_suffix(".json").read_text())
+                return meta["res"], z["d"], z["q"], meta["latency"], meta["params"]
+        model = load_student(path)
+        res, emb = ev.evaluate_dense(model, ds, return_embeddings=True)
+        lat = None if args.no_latency else latency(model, args.repeats)
+        params = _params(model)
+        if key is not None:
+            cache.mkdir(parents=True, exist_ok=True)
+            np.savez(key.with_suffix(".npz"), d=emb[1], q=emb[2])
+            key.with_suffix(".json").write_text(json.dumps({"res": res, "latency": lat, "params": params}))
+        return res, emb[1], emb[2], lat, params
+
     rows = []
-    teacher = load_student(args.teacher)
-    t_res, (_, t_d, t_q, qids) = ev.evaluate_dense(teacher, ds, return_embeddings=True)
+    t_res, t_d, t_q, _, _ = evaluate(args.teacher)
     for name, path in [("teacher", args.teacher)] + [(Path(p).name, p) for p in args.student]:
         t0 = time.perf_counter()
-        model = teacher if name == "teacher" else load_student(path)
-        res, emb = (t_res, (None, t_d, t_q, qids)) if name == "teacher" else ev.evaluate_dense(
-            model, ds, return_embeddings=True)
-        agree = ev.agreement_from_embeddings(emb[2], emb[1], t_q, t_d)
+        res, d, q, lat, params = evaluate(path)
+        agree = ev.agreement_from_embeddings(q, d, t_q, t_d)
         per = {k: v["ndcg@10"] for k, v in res["metrics"]["per_language"].items()}
         row = {"name": name, "path": str(path), "ndcg@10": res["metrics"]["overall"]["ndcg@10"],
-               "ndcg@10_en": per.get("en"), "per_language": per, "agreement": agree, **_params(model),
+               "ndcg@10_en": per.get("en"), "per_language": per, "agreement": agree, **params,
                "size_bytes": _size_bytes(path), "encode_s": res["timings_s"]}
-        if not args.no_latency:
-            row["latency"] = latency(model, args.repeats)
+        if lat:
+            row["latency"] = lat
         rows.append(row)
         log.info("%s done in %.0f s", name, time.perf_counter() - t0)
     base = rows[0]
@@ -227,6 +246,7 @@ def main(argv=None) -> int:
     t.add_argument("--repeats", type=int, default=20, help="timed calls at batch 1 (batch 32: a quarter)")
     t.add_argument("--no-latency", action="store_true")
     t.add_argument("--out", default=None)
+    t.add_argument("--cache", default=None, help="folder caching each model's embeddings, metrics and latency")
     t.set_defaults(func=cmd_table)
     a = sub.add_parser("ablate", help="build variants without fine-tuning on a quick English split")
     a.add_argument("--teacher", required=True)

@@ -79,7 +79,9 @@ def run_train(args) -> int:
     if args.steps is not None:
         cfg.setdefault("train", {})["steps"] = args.steps
     emb, history, final = train_from_config(cfg, args.out, resume_from=args.resume)
-    if history:
+    from moe2edge.teacher.train import world
+
+    if history and world()[0] == 0:
         last = history[-1]
         print(f"trained {last['step']} steps: loss {last['loss']:.4f}, {last['tokens_per_s']:.0f} tokens/s; "
               f"final checkpoint {final}")

