@@ -236,6 +236,39 @@ def ablate_static(teacher, pairs, ds, base, t_q, t_d) -> list[dict]:
     return rows
 
 
+def cmd_latency(args) -> int:
+    """Interleaved rounds over all models (fair on a noisy shared box): median ms of b1 and b32 x 128 tokens."""
+    from moe2edge.data.evaluate import texts_of_n_tokens, token_counter
+    from moe2edge.student import load_student
+
+    torch.set_num_threads(1)
+    paths = [args.teacher, *args.student]
+    models = [load_student(p) for p in paths]
+    texts = [texts_of_n_tokens(token_counter(m), 128, 32) for m in models]
+    ms = {p: {"b1": [], "b32": []} for p in paths}
+    for m, t in zip(models, texts):  # warm-up
+        m.encode(t[:1], batch_size=1)
+        m.encode(t, batch_size=32)
+    for _ in range(args.rounds):
+        for p, m, t in zip(paths, models, texts):
+            for _ in range(5):
+                t0 = time.perf_counter()
+                m.encode(t[:1], batch_size=1)
+                ms[p]["b1"].append((time.perf_counter() - t0) * 1e3)
+            t0 = time.perf_counter()
+            m.encode(t, batch_size=32)
+            ms[p]["b32"].append((time.perf_counter() - t0) * 1e3)
+    out = {p: {k: float(np.median(v)) for k, v in d.items()} for p, d in ms.items()}
+    base = out[args.teacher]
+    for p, d in out.items():
+        print(f"{p:<50} b1 {d['b1']:9.3f} ms ({base['b1'] / d['b1']:7.0f}x)   b32 {d['b32']:9.2f} ms "
+              f"({base['b32'] / d['b32']:7.0f}x)")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"threads": 1, "seq_len": 128, "rounds": args.rounds, "median_ms": out},
+                                             indent=2) + "\n")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -248,6 +281,12 @@ def main(argv=None) -> int:
     t.add_argument("--out", default=None)
     t.add_argument("--cache", default=None, help="folder caching each model's embeddings, metrics and latency")
     t.set_defaults(func=cmd_table)
+    la = sub.add_parser("latency", help="interleaved 1-thread latency of teacher and students (median)")
+    la.add_argument("--teacher", required=True)
+    la.add_argument("--student", action="append", default=[])
+    la.add_argument("--rounds", type=int, default=7)
+    la.add_argument("--out", default=None)
+    la.set_defaults(func=cmd_latency)
     a = sub.add_parser("ablate", help="build variants without fine-tuning on a quick English split")
     a.add_argument("--teacher", required=True)
     a.add_argument("--pairs", default=str(ROOT / ".cache/moe2edge/debian-bookworm/train/pairs.jsonl"))

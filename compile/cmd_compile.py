@@ -41,6 +41,9 @@ def register(sub) -> None:
                    help="JSONL of {query, document} pairs to verify with, instead of this machine's package descriptions")
     p.add_argument("--min-cos", type=float, default=None, help="override the cosine-min threshold of the precision")
     p.add_argument("--threads", type=int, default=1, help="torch threads while compiling (default 1)")
+    p.add_argument("--st-out", default=None,
+                   help="also write a sentence-transformers folder (fp32 token-embedding graph) loadable with "
+                        "SentenceTransformer(DIR, backend='openvino') (needs optimum-intel)")
     p.set_defaults(func=run)
 
 
@@ -97,6 +100,14 @@ def run(args) -> int:
     print(f"built {args.out}: {args.target} {cfg.precision}, verified on {par['n']} real texts: cosine mean "
           f"{par['cos_mean']:.6f} min {par['cos_min']:.6f} max-abs {par['max_abs']:.2e}, nDCG@10 "
           f"{par['ndcg@10_engine']:.4f} (PyTorch {par['ndcg@10_pytorch']:.4f}, delta {par['ndcg@10_delta']:+.4f})")
+    if args.st_out:
+        from moe2edge.targets.base import Sample
+        from moe2edge.targets.interop import write_st_folder
+        from moe2edge.targets.runtime import Tokenizer
+
+        tok = Tokenizer(tok_file, max_length=model.config.max_seq_length, pad_id=model.config.pad_token_id)
+        write_st_folder(model, args.model, args.st_out, Sample(*tok(["a sample sentence for tracing", "two"])[:2]))
+        print(f"wrote {args.st_out}: SentenceTransformer({args.st_out!r}, backend='openvino')")
     if args.target == "tensorrt":
         print("TensorRT: the verified QDQ ONNX and build_engine.sh / build_engine.py are written; the engine itself "
               "needs TensorRT + a CUDA GPU: run build_engine.sh there.")

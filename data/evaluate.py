@@ -331,7 +331,17 @@ def measure_latency(model, *, seq_len: int = 128, batch_sizes=(1, 32), threads=N
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far (Linux reports KiB)."""
+    """Peak resident set size of this process so far.
+
+    Linux's ``VmHWM`` (this process's own high-water mark); ``ru_maxrss`` would carry a parent's peak
+    into a child started with exec, which inflated per-engine numbers when measured in subprocesses.
+    """
+    try:
+        for line in open("/proc/self/status", encoding="ascii"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 

@@ -119,7 +119,10 @@ class StaticEmbedder:
             raise ValueError(f"unknown prompt {prompt!r}; this model knows: {', '.join(self.config.prompts)}")
         return self.config.prompts[prompt]
 
-    def count_tokens(self, texts: list[str]) -> list[int]:
+    def count_tokens(self, texts: str | list[str]) -> int | list[int]:
+        """Tokens (specials included) the table averages: one int for a str, a list for a list."""
+        if isinstance(texts, str):
+            return len(self.tok.encode(texts).ids)
         return [len(e.ids) for e in self.tok.encode_batch(list(texts))]
 
     def set_num_threads(self, n: int) -> None:
@@ -141,8 +144,11 @@ class StaticEmbedder:
         table = self.table[:, :d]
         for s in range(0, len(texts), batch_size):
             encs = self.tok.encode_batch([pre + t for t in texts[s:s + batch_size]])
-            for j, e in enumerate(encs):
-                out[s + j] = table[e.ids].mean(0) if e.ids else 0.0
+            lens = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))  # (B,)
+            ids = np.fromiter((i for e in encs for i in e.ids), dtype=np.int64, count=int(lens.sum()))
+            starts = np.concatenate([[0], np.cumsum(lens)[:-1]])  # (B,)
+            sums = np.add.reduceat(table[ids], starts, axis=0) if len(ids) else np.zeros((len(encs), d), np.float32)
+            out[s:s + len(encs)] = sums / np.maximum(lens, 1)[:, None]  # (B, d) mean of the token rows
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return out / np.maximum(norms, 1e-12)
 

@@ -19,6 +19,20 @@ log = logging.getLogger(__name__)
 SCHEMA = "moe2edge.bench/v1"
 
 
+def peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM). Not getrusage: Linux carries ru_maxrss across fork + exec, so a
+    child started by a big parent would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def _dir_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
@@ -35,7 +49,7 @@ def _model_bytes(path: Path, kind: str) -> int:
 def bench_one(kind: str, path: str | Path, *, threads=(1, 2), batch_sizes=(1, 32), seq_len: int = 128,
               repeats: dict | None = None) -> dict:
     """Measure one model in this process: ``kind`` is "engine" or "pytorch"."""
-    from moe2edge.data.evaluate import measure_latency, peak_rss_mb
+    from moe2edge.data.evaluate import measure_latency
 
     path = Path(path)
     if kind == "pytorch":

@@ -230,7 +230,7 @@ def compile_engine(
     model = model.eval()
 
     calib, calib_info = None, None
-    if cfg.precision == "int8" or getattr(target, "int8_only", False):
+    if cfg.precision == "int8":
         calib, calib_info = calibration_batches(calibration_texts, tok, cfg)
         if mcfg.moe_layers:
             from moe2edge.targets.torch_export import expert_token_counts

@@ -314,3 +314,22 @@ def test_cli_compile_openvino_int8(small_moe, pairs, tmp_path, capsys, cached_ex
     assert man["parity"]["cos_min"] >= 0.99 and man["identity"]["artifact"]["quantizer"]["ignored_scope"]["router_matmuls"] == 1
     spec = json.loads((out / "engine.json").read_text())
     assert spec["ov_precision_hint"] == "f32" and (out / "openvino_model.bin").exists()
+
+
+@pytest.mark.slow
+def test_sentence_transformers_openvino_backend(small_moe, tmp_path):
+    """ST's OpenVINO backend (optimum-intel) loads the MoE folder and gives the PyTorch embeddings."""
+    pytest.importorskip("optimum.intel")
+    st = pytest.importorskip("sentence_transformers")
+    from moe2edge.targets.base import Sample
+    from moe2edge.targets.interop import write_st_folder
+    from moe2edge.targets.runtime import Tokenizer
+    from moe2edge.teacher import load_embedder
+
+    model, ckpt = small_moe
+    tok = Tokenizer(ckpt / "tokenizer.json", max_length=64, pad_id=0)
+    out = write_st_folder(model, ckpt, tmp_path / "st", Sample(*tok(["a sample sentence", "two"])[:2]))
+    texts = ["find files by name", "a web browser with tabs"]
+    m = st.SentenceTransformer(str(out), backend="openvino", device="cpu",
+                               model_kwargs={"ov_config": {"INFERENCE_PRECISION_HINT": "f32"}})
+    np.testing.assert_allclose(m.encode(texts), load_embedder(ckpt).encode(texts), atol=1e-5)
