@@ -52,7 +52,7 @@ def register(sub) -> None:
 
 
 def load_model(spec: str):
-    """A built-in baseline by name, or a checkpoint folder through ``moe2edge.teacher.load_embedder``."""
+    """A built-in baseline by name, or a folder: compiled engine, static student or NomicMoE checkpoint."""
     from moe2edge.data import encoders
 
     if spec == "bm25":
@@ -64,15 +64,18 @@ def load_model(spec: str):
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"model {spec!r} is neither a folder nor a built-in ({', '.join(BUILTIN)})")
-    try:
-        from moe2edge.teacher import load_embedder
-    except ImportError:
-        load_embedder = None
-    if load_embedder is None:  # pragma: no cover - until the teacher package exports it
-        if (path / "modules.json").is_file():
-            return encoders.SentenceTransformerEncoder(path), "dense"
-        raise ImportError("moe2edge.teacher.load_embedder is not available in this install")
-    model = load_embedder(path)
+    # One interface for every model kind the project produces (all expose the same ``encode``):
+    # a compiled engine folder, a static student, or a NomicMoE-family checkpoint (teacher/students).
+    from moe2edge.targets.runtime import ENGINE_FILE
+
+    if (path / ENGINE_FILE).is_file():
+        from moe2edge.targets.runtime import load_engine
+
+        model = load_engine(path)
+    else:
+        from moe2edge.student import load_student
+
+        model = load_student(path)
     if not hasattr(model, "name"):
         model.name = path.name if path.name not in ("model", "checkpoint") else f"{path.parent.name}/{path.name}"
     if getattr(model, "artifact_bytes", None) is None:
