@@ -5,6 +5,9 @@ PY      ?= python3
 VENV    ?= .venv
 EXTRAS  ?= eval,onnx,openvino,interop,kernels,dev
 STAMP   := $(VENV)/.moe2edge-installed
+# A second venv WITHOUT torch: proves a compiled engine runs with only the [runtime] extra.
+RTVENV  ?= .venv-runtime
+RTSTAMP := $(RTVENV)/.moe2edge-installed
 
 .PHONY: demo test setup clean
 
@@ -16,13 +19,20 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+$(RTSTAMP): pyproject.toml
+	test -x $(RTVENV)/bin/python || $(PY) -m venv $(RTVENV)
+	$(RTVENV)/bin/python -m pip install -q --upgrade pip
+	$(RTVENV)/bin/python -m pip install -q numpy==2.4.6 tokenizers==0.22.2 onnxruntime==1.32.0
+	$(RTVENV)/bin/python -m pip install -q --no-deps -e .
+	touch $(RTSTAMP)
+
+setup: $(STAMP) $(RTSTAMP)
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/moe2edge
 
-test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q
+test: $(STAMP) $(RTSTAMP)
+	HF_HUB_OFFLINE=1 MOE2EDGE_RUNTIME_VENV=$(abspath $(RTVENV)) $(VENV)/bin/python -m pytest -q
 
 clean:
 	rm -rf runs .pytest_cache

@@ -1,6 +1,7 @@
 """The edge runtime in a venv WITHOUT torch: only numpy + tokenizers + onnxruntime + moe2edge (--no-deps).
 
-Building that venv needs a package index, and tests stay offline, so the venv is made by hand once:
+`make test` builds that venv (.venv-runtime, see the Makefile) and points MOE2EDGE_RUNTIME_VENV at it;
+by hand:
 
     python3 -m venv /tmp/rtvenv
     /tmp/rtvenv/bin/pip install numpy==2.4.6 tokenizers==0.22.2 onnxruntime==1.32.0
@@ -24,7 +25,7 @@ from tests.test_targets import onnx_fp32, pairs, small_moe  # noqa: F401 - fixtu
                     reason="set MOE2EDGE_RUNTIME_VENV to a venv with only numpy, tokenizers, onnxruntime, moe2edge --no-deps")
 def test_engine_runs_without_torch(onnx_fp32):  # noqa: F811
     venv = os.environ["MOE2EDGE_RUNTIME_VENV"]
-    py = Path(venv) / "bin" / "python"
+    py = Path(venv).resolve() / "bin" / "python"
     code = ("import importlib.util, sys\nassert importlib.util.find_spec('torch') is None, 'torch is installed'\n"
             "from moe2edge.targets.runtime import load_engine\n"
             f"e = load_engine({str(onnx_fp32[1])!r})\n"
