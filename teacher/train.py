@@ -72,7 +72,7 @@ class TrainConfig:
     grad_cache_chunk: int = 0  # 0: off; else chunk size (sequences) for GradCache
     loss_scale: str = "world_size"  # "world_size" (spec/authors) | "none"
     bf16: bool = True  # autocast on CUDA only
-    gradient_checkpointing: bool = False  # CUDA only unless forced
+    gradient_checkpointing: bool = False  # activation checkpointing per block (any device)
     seed: int = 0
     save_every: int = 0  # 0: only at the end
     log_every: int = 10

@@ -164,3 +164,23 @@ def test_two_process_gloo_equals_single_process(pairs, scale):
     assert any("router" in n for n in g_ref)  # the global-batch load-balancing loss is included
     for n in g_ref:
         assert (g_dist[n] - factor * g_ref[n]).norm() <= 1e-9 * factor * g_ref[n].norm() + 1e-12, n
+
+
+def test_activation_checkpointing_gives_the_same_gradients(pairs, monkeypatch):
+    import torch.utils.checkpoint as tuc
+
+    calls = []
+    real = tuc.checkpoint
+    monkeypatch.setattr(tuc, "checkpoint", lambda *a, **k: calls.append(1) or real(*a, **k))
+    out = {}
+    for ckpt in (False, True):
+        emb = tiny_embedder()
+        emb.model.double()
+        tr = Trainer(emb, TrainConfig(batch_size=8, gradient_checkpointing=ckpt, query_max_len=16, doc_max_len=32))
+        emb.model.train()
+        tr.compute_gradients(pairs[:8])
+        out[ckpt] = grads(emb.model)
+    assert len(calls) == 2 * 4  # checkpointed: both passes x 4 blocks, only when asked
+    assert out[False].keys() == out[True].keys()
+    for n in out[False]:
+        assert (out[False][n] - out[True][n]).norm() <= 1e-9 * out[False][n].norm() + 1e-12, n
