@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from pathlib import Path
@@ -24,13 +23,9 @@ KNOWN_SECTIONS = {"init", "data", "train"}
 
 
 def load_config(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: config file not found") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    from moe2edge._io import read_json_file
+
+    cfg = read_json_file(path, "config file")
     unknown = set(cfg) - KNOWN_SECTIONS
     if unknown:
         raise ValueError(f"{path}: unknown sections {sorted(unknown)}; expected {sorted(KNOWN_SECTIONS)}")

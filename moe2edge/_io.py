@@ -71,3 +71,14 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while b := f.read(chunk):
             h.update(b)
     return h.hexdigest()
+
+
+def read_json_file(path: str | os.PathLike, what: str = "file"):
+    """Parse a JSON file; a missing file or bad JSON is one clear error naming the path."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {what} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None

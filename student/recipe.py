@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from pathlib import Path
@@ -30,14 +29,9 @@ STUDENT_KEYS = {
 
 
 def load_recipe(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: student config not found") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
-    return cfg
+    from moe2edge._io import read_json_file
+
+    return read_json_file(path, "student config")
 
 
 def validate_recipe(cfg: dict) -> dict:

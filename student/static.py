@@ -131,14 +131,10 @@ class StaticEmbedder:
     def encode(self, texts, *, prompt: str | None = None, dim: int | None = None, batch_size: int = 32,
                show_progress: bool | None = None) -> np.ndarray:
         """Embed texts -> (N, dim) float32, L2-normalised after Matryoshka truncation."""
-        from moe2edge.teacher.embedder import _check_texts
+        from moe2edge._text import check_encode_args, check_texts
 
-        texts = _check_texts(texts)
-        if dim is not None and not 1 <= dim <= self.dim:
-            raise ValueError(f"dim must be in [1, {self.dim}], got {dim}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        d = dim or self.dim
+        texts = check_texts(texts)
+        d = check_encode_args(dim, self.dim, batch_size)
         out = np.empty((len(texts), d), dtype=np.float32)
         pre = self.prefix(prompt)
         table = self.table[:, :d]

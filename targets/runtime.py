@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from moe2edge._text import check_encode_args, check_texts
+
 log = logging.getLogger(__name__)
 
 ENGINE_FORMAT = "moe2edge.engine/v1"
@@ -157,22 +159,6 @@ def open_runtime(runtime: str, path: str | Path, *, threads: int = 1, **kw):
 # ------------------------------------------------------------------------------------ embedder
 
 
-def _check_texts(texts) -> list[str]:
-    if isinstance(texts, str):
-        raise TypeError("encode() takes a list of strings; wrap a single text in a list")
-    out = []
-    for i, t in enumerate(texts):
-        if isinstance(t, (bytes, bytearray)):
-            try:
-                t = bytes(t).decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"text {i} is not valid UTF-8 ({e}); decode it before encoding") from None
-        if not isinstance(t, str):
-            raise TypeError(f"text {i} is {type(t).__name__}, expected str")
-        out.append(t)
-    return out
-
-
 class EngineEmbedder:
     """Tokenizer + engine + prompts: the ``encode`` API of the teacher, for a compiled engine."""
 
@@ -233,12 +219,8 @@ class EngineEmbedder:
         """Embed texts -> (N, dim) float32, L2-normalised. ``dim`` below the engine's dim truncates and
         renormalises (Matryoshka: the graph's output is already the normalised prefix of the pooled vector,
         so this equals truncating the pooled vector)."""
-        texts = _check_texts(texts)
-        if dim is not None and not 1 <= dim <= self.dim:
-            raise ValueError(f"dim must be in [1, {self.dim}] for this engine, got {dim}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        out_dim = dim or self.dim
+        texts = check_texts(texts)
+        out_dim = check_encode_args(dim, self.dim, batch_size)
         if not texts:
             return np.zeros((0, out_dim), dtype=np.float32)
         return encode_batches(self.engine.run, self.tokenizer, texts, prefix=self.prefix(prompt), dim=out_dim,

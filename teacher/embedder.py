@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moe2edge._text import check_encode_args, check_texts
 from moe2edge.teacher.model import NomicMoE
 
 log = logging.getLogger(__name__)
@@ -58,22 +59,6 @@ class Tokenizer:
         return [sum(e.attention_mask) for e in encs]
 
 
-def _check_texts(texts) -> list[str]:
-    if isinstance(texts, str):
-        raise TypeError("encode() takes a list of strings; wrap a single text in a list")
-    out = []
-    for i, t in enumerate(texts):
-        if isinstance(t, (bytes, bytearray)):
-            try:
-                t = bytes(t).decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"text {i} is not valid UTF-8 ({e}); decode it before encoding") from None
-        if not isinstance(t, str):
-            raise TypeError(f"text {i} is {type(t).__name__}, expected str")
-        out.append(t)
-    return out
-
-
 class Embedder:
     """A NomicMoE-family model with its tokenizer and prompts."""
 
@@ -103,12 +88,8 @@ class Embedder:
     def encode(self, texts, *, prompt: str | None = None, dim: int | None = None, batch_size: int = 32,
                show_progress: bool | None = None) -> np.ndarray:
         """Embed texts -> (N, dim) float32 numpy array, L2-normalised (after Matryoshka truncation)."""
-        texts = _check_texts(texts)
-        if dim is not None and not 1 <= dim <= self.dim:
-            raise ValueError(f"dim must be in [1, {self.dim}], got {dim}")
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        out_dim = dim or self.dim
+        texts = check_texts(texts)
+        out_dim = check_encode_args(dim, self.dim, batch_size)
         if not texts:
             return np.zeros((0, out_dim), dtype=np.float32)
         n_empty = sum(1 for t in texts if not t.strip())

@@ -15,7 +15,6 @@ Dimension legend:
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
