@@ -79,7 +79,7 @@ def load_model(spec: str):
     if not hasattr(model, "name"):
         model.name = path.name if path.name not in ("model", "checkpoint") else f"{path.parent.name}/{path.name}"
     if getattr(model, "artifact_bytes", None) is None:
-        weights = [p for ext in ("*.safetensors", "*.bin", "*.pt") for p in path.glob(ext)]
+        weights = [p for ext in ("model*.safetensors", "pytorch_model*.bin") for p in path.glob(ext)]  # not trainer state
         model.artifact_bytes = sum(p.stat().st_size for p in weights) or None
     return model, "dense"
 

@@ -124,9 +124,16 @@ def scatter_png(runs: list[dict], *, metric: str = "ndcg@10") -> bytes | None:
     if not pts:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    import math
+
+    placed: list[tuple[float, float]] = []  # label anchors in (log10 ms, metric) space
     for i, (name, x, y) in enumerate(pts):
         ax.scatter([x], [y], s=60, color=f"C{i % 10}", zorder=3)
-        ax.annotate(name, (x, y), xytext=(6, 6), textcoords="offset points", fontsize=9)
+        # models with near-equal quality and latency (a teacher and its pruned student) would print
+        # their labels on top of each other: stack such labels downwards
+        near = sum(1 for px, py in placed if abs(px - math.log10(max(x, 1e-6))) < 0.6 and abs(py - y) < 0.02)
+        placed.append((math.log10(max(x, 1e-6)), y))
+        ax.annotate(name, (x, y), xytext=(6, 6 - 13 * near), textcoords="offset points", fontsize=9)
     xs = [p[1] for p in pts]
     if max(xs) / max(min(xs), 1e-3) > 20:
         from matplotlib.ticker import FuncFormatter
