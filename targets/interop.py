@@ -63,7 +63,7 @@ def write_st_folder(model: nn.Module, checkpoint_dir: str | Path, out_dir: str |
                 shutil.copyfile(src, tmp / name)
         (tmp / "onnx").mkdir()
         with torch.no_grad():
-            prog = torch.onnx.export(TokenEmbeddings(model), (ids, mask), dynamo=True, input_names=INPUT_NAMES,
+            prog = torch.onnx.export(TokenEmbeddings(model).eval(), (ids, mask), dynamo=True, input_names=INPUT_NAMES,
                                      output_names=["last_hidden_state"], dynamic_shapes={
                                          "input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}})
         prog.save(str(tmp / "onnx" / "model.onnx"))
