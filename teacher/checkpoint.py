@@ -145,12 +145,12 @@ def config_from_hf(d: dict, *, where: str = "config.json", max_seq_length: int =
 
 
 def _read_json(path: Path) -> dict:
+    from moe2edge._io import read_json_file
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path}: not valid JSON ({e})") from e
+        return read_json_file(path)
+    except (FileNotFoundError, ValueError) as e:  # the same message, as a checkpoint error
+        raise CheckpointError(str(e)) from None
 
 
 def _st_side_info(path: Path, default_prompts):
