@@ -82,3 +82,12 @@ def read_json_file(path: str | os.PathLike, what: str = "file"):
         raise FileNotFoundError(f"{path}: {what} not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
+def texts_sha256(texts: list[str]) -> str:
+    """Identity of a list of texts (order matters): recorded in manifests for calibration/verification data."""
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8"))
+        h.update(b"\0")
+    return h.hexdigest()

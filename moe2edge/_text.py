@@ -27,3 +27,46 @@ def check_encode_args(dim: int | None, full_dim: int, batch_size: int) -> int:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return dim or full_dim
+
+
+# A token is rarely shorter than one character; cutting the raw text at this many characters per
+# allowed token before tokenising keeps a multi-megabyte input from costing seconds, and changes
+# nothing for the tokens that survive truncation.
+_CHARS_PER_TOKEN_CAP = 32
+
+
+class Tokenizer:
+    """``tokenizers.Tokenizer`` from tokenizer.json with the model's truncation and padding.
+
+    Returns numpy int64 arrays (torch-free, so compiled engines use it too); the teacher's subclass
+    converts to torch tensors.
+    """
+
+    def __init__(self, path, *, max_length: int, pad_id: int):
+        from pathlib import Path
+
+        from tokenizers import Tokenizer as HFTokenizer
+
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.exists():
+            raise FileNotFoundError(f"{file}: tokenizer.json not found")
+        self.dir = file.parent
+        self.tok = HFTokenizer.from_file(str(file))
+        self.max_length, self.pad_id = max_length, pad_id
+        self.tok.enable_truncation(max_length=max_length)
+        self.tok.enable_padding(pad_id=pad_id, pad_token=self.tok.id_to_token(pad_id) or "<pad>")
+
+    def __call__(self, texts: list[str]):
+        """-> input_ids (B, S) int64, attention_mask (B, S) int64, number of truncated texts."""
+        import numpy as np
+
+        cap = self.max_length * _CHARS_PER_TOKEN_CAP
+        encs = self.tok.encode_batch([t[:cap] for t in texts])
+        truncated = sum(1 for t, e in zip(texts, encs) if e.overflowing or len(t) > cap)
+        ids = np.array([e.ids for e in encs], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encs], dtype=np.int64)
+        return ids, mask, truncated
+
+    def count_tokens(self, texts: list[str]) -> list[int]:
+        return [sum(e.attention_mask) for e in self.tok.encode_batch(list(texts))]

@@ -15,7 +15,6 @@ Dimension legend: T calibration tokens, D hidden size, E experts, K top-k, F FFN
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass, field
 
@@ -23,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from moe2edge import kernels
+from moe2edge._io import texts_sha256
 from moe2edge.teacher.model import MoEMLP, NomicMoE
 
 log = logging.getLogger(__name__)
@@ -74,14 +74,6 @@ class Calibration:
                            **{f"score_{k}": lc.score(k).round(decimals=5).tolist() for k in SCORES})
             out["layers"][str(i)] = row
         return out
-
-
-def texts_hash(texts: list[str]) -> str:
-    h = hashlib.sha256()
-    for t in texts:
-        h.update(t.encode("utf-8"))
-        h.update(b"\0")
-    return h.hexdigest()
 
 
 def expert_output(mlp: MoEMLP, e: int, h: torch.Tensor) -> torch.Tensor:
@@ -158,7 +150,7 @@ def calibrate(model: NomicMoE, tokenizer, texts: list[str], *, max_tokens: int =
             lc.out_norm = out_norm
         layers[i] = lc
     log.info("calibrated on %d texts, %d tokens", used, layers[0].num_tokens)
-    return Calibration(layers=layers, n_texts=used, texts_sha256=texts_hash(texts[:used]),
+    return Calibration(layers=layers, n_texts=used, texts_sha256=texts_sha256(texts[:used]),
                        meta={"max_tokens": max_tokens})
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe2edge._io import atomic_dir, sha256_file
+from moe2edge._io import atomic_dir, sha256_file, texts_sha256
 from moe2edge.targets.base import (
     CalibrationError, CompileConfig, Sample, TargetUnavailableError, VerificationError, get,
 )
@@ -76,14 +76,6 @@ def read_texts(path: str | Path) -> list[str]:
             raise CalibrationError(f"{path}:{i}: no text field (text / query / document / positive / anchor)")
         out.extend(t for t in found if t.strip())
     return out
-
-
-def texts_sha256(texts: list[str]) -> str:
-    h = hashlib.sha256()
-    for t in texts:
-        h.update(t.encode("utf-8"))
-        h.update(b"\0")
-    return h.hexdigest()
 
 
 def calibration_batches(texts: list[str], tok: Tokenizer, cfg: CompileConfig) -> tuple[list, dict]:

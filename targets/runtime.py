@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moe2edge._text import check_encode_args, check_texts
+from moe2edge._text import Tokenizer, check_encode_args, check_texts  # noqa: F401 (Tokenizer: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -29,38 +29,10 @@ ENGINE_FORMAT = "moe2edge.engine/v1"
 ENGINE_FILE = "engine.json"
 # Same cut as the teacher's tokenizer: a token is rarely shorter than one character, so cutting the
 # raw text at 32 characters per allowed token changes nothing that survives truncation.
-_CHARS_PER_TOKEN_CAP = 32
 
 
 class EngineFolderError(ValueError):
     """An engine folder is missing files or was written by an incompatible version."""
-
-
-class Tokenizer:
-    """``tokenizers.Tokenizer`` with the model's truncation and padding; numpy int64 output."""
-
-    def __init__(self, file: str | Path, *, max_length: int, pad_id: int):
-        from tokenizers import Tokenizer as HFTokenizer
-
-        file = Path(file)
-        if not file.exists():
-            raise EngineFolderError(f"{file}: tokenizer.json not found")
-        self.tok = HFTokenizer.from_file(str(file))
-        self.max_length, self.pad_id = max_length, pad_id
-        self.tok.enable_truncation(max_length=max_length)
-        self.tok.enable_padding(pad_id=pad_id, pad_token=self.tok.id_to_token(pad_id) or "<pad>")
-
-    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
-        """-> input_ids (B, S) int64, attention_mask (B, S) int64, number of truncated texts."""
-        cap = self.max_length * _CHARS_PER_TOKEN_CAP
-        encs = self.tok.encode_batch([t[:cap] for t in texts])
-        truncated = sum(1 for t, e in zip(texts, encs) if e.overflowing or len(t) > cap)
-        ids = np.array([e.ids for e in encs], dtype=np.int64)
-        mask = np.array([e.attention_mask for e in encs], dtype=np.int64)
-        return ids, mask, truncated
-
-    def count_tokens(self, texts: list[str]) -> list[int]:
-        return [sum(e.attention_mask) for e in self.tok.encode_batch(list(texts))]
 
 
 # ------------------------------------------------------------------------------------ engines

@@ -16,47 +16,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from moe2edge._text import Tokenizer as _NumpyTokenizer
 from moe2edge._text import check_encode_args, check_texts
 from moe2edge.teacher.model import NomicMoE
 
 log = logging.getLogger(__name__)
 
-# A token is rarely shorter than one character; cutting the raw text at this many characters per
-# allowed token before tokenising keeps a multi-megabyte input from costing seconds, and changes
-# nothing for the tokens that survive truncation.
-_CHARS_PER_TOKEN_CAP = 32
-
-
-class Tokenizer:
-    """``tokenizers.Tokenizer`` from tokenizer.json with truncation and padding set for the model."""
-
-    def __init__(self, path: str | Path, *, max_length: int, pad_id: int):
-        from tokenizers import Tokenizer as HFTokenizer
-
-        path = Path(path)
-        file = path / "tokenizer.json" if path.is_dir() else path
-        if not file.exists():
-            raise FileNotFoundError(f"{file}: tokenizer.json not found")
-        self.dir = file.parent
-        self.tok = HFTokenizer.from_file(str(file))
-        self.max_length = max_length
-        self.pad_id = pad_id
-        pad_token = self.tok.id_to_token(pad_id)
-        self.tok.enable_truncation(max_length=max_length)
-        self.tok.enable_padding(pad_id=pad_id, pad_token=pad_token or "<pad>")
+class Tokenizer(_NumpyTokenizer):
+    """The shared tokenizer (moe2edge/_text.py) returning torch tensors for the PyTorch model."""
 
     def __call__(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
         """-> input_ids (B, S) int64, attention_mask (B, S) int64, number of truncated texts."""
-        cap = self.max_length * _CHARS_PER_TOKEN_CAP
-        encs = self.tok.encode_batch([t[:cap] for t in texts])
-        truncated = sum(1 for t, e in zip(texts, encs) if e.overflowing or len(t) > cap)
-        ids = torch.tensor([e.ids for e in encs], dtype=torch.long)
-        mask = torch.tensor([e.attention_mask for e in encs], dtype=torch.long)
-        return ids, mask, truncated
-
-    def count_tokens(self, texts: list[str]) -> list[int]:
-        encs = self.tok.encode_batch(texts)
-        return [sum(e.attention_mask) for e in encs]
+        ids, mask, truncated = super().__call__(texts)
+        return torch.from_numpy(ids), torch.from_numpy(mask), truncated
 
 
 class Embedder:
