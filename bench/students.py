@@ -165,9 +165,10 @@ def cmd_ablate(args) -> int:
     E = teacher.model.config.num_experts
     # shapes within 1/3 of the MiniLM-MoE teacher's 14.2M active non-embedding parameters
     for layers, width in (([0, 2, 4], 768), ([1, 3, 5], 768), ([0, 3, 5], 768), ([0, 1, 3, 5], 512),
-                          ([0, 2, 3, 5], 512), ([0, 1, 2, 3, 4, 5], 256)):
-        variants.append((f"dense layers={layers} F={width} init=merge rescale=True", "dense",
-                         dict(init="merge", rescale=True, layers=layers, intermediate_size=width)))
+                          ([0, 2, 3, 5], 512), ([0, 1, 2, 3, 4, 5], 256), ([0, 1, 2, 3, 4, 5], 224)):
+        for refit in (False, True):
+            variants.append((f"dense layers={layers} F={width} init=merge rescale=True refit={refit}", "dense",
+                             dict(init="merge", rescale=True, layers=layers, intermediate_size=width, refit=refit)))
     for k in args.experts:
         for score in ("router", "output_norm"):
             for merge in (False, True):

@@ -39,6 +39,9 @@ def register(sub) -> None:
     g.add_argument("--init", choices=("merge", "top"), default=None, help="FFN from the expert merge or the top expert")
     g.add_argument("--layers", default=None, help="teacher layers to keep, comma-separated (e.g. 0,2,4)")
     g.add_argument("--intermediate-size", type=int, default=None, help="FFN width of the student")
+    g.add_argument("--refit", action=_Bool, default=None,
+                   help="re-solve the narrow FFN's output projection by least squares to reproduce the "
+                        "teacher layer's FFN output on calibration tokens (--no-refit: just drop units)")
     g = p.add_argument_group("static")
     g.add_argument("--dim", type=int, default=None, help="PCA dimension of the token table")
     g.add_argument("--weighting", choices=("none", "zipf", "sif"), default=None, help="token frequency weighting")
@@ -75,7 +78,7 @@ def build_config(args) -> dict:
     flag_names = {"num_experts": "--experts"}
     flags = {"num_experts": args.experts, "top_k": args.top_k, "score": args.score, "merge": args.merge,
              "normalize": args.normalize, "rescale": args.rescale, "init": args.init,
-             "intermediate_size": args.intermediate_size, "dim": args.dim, "weighting": args.weighting,
+             "intermediate_size": args.intermediate_size, "refit": args.refit, "dim": args.dim, "weighting": args.weighting,
              "layers": [int(x) for x in args.layers.split(",")] if args.layers else None}
     from moe2edge.student.recipe import STUDENT_KEYS
 

@@ -3,7 +3,8 @@
     {
       "student":     {"kind": "pruned", "num_experts": 4, "top_k": 1, "score": "router", "merge": true,
                       "normalize": null, "rescale": true}
-                   | {"kind": "dense", "init": "merge", "layers": [0, 2, 4], "intermediate_size": 768, "rescale": true}
+                   | {"kind": "dense", "init": "merge", "layers": [0, 2, 4], "intermediate_size": 768, "rescale": true,
+                      "refit": true}
                    | {"kind": "static", "dim": 256, "weighting": "sif"},
       "calibration": {"texts": 512, "max_tokens": 16384},
       "data":        {"pairs": PATH, "languages": ["en"], "max_pairs": 8000, "seed": 0},
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 SECTIONS = {"student", "calibration", "data", "train", "loss"}
 STUDENT_KEYS = {
     "pruned": {"kind", "num_experts", "top_k", "score", "merge", "normalize", "rescale"},
-    "dense": {"kind", "init", "score", "layers", "intermediate_size", "rescale"},
+    "dense": {"kind", "init", "score", "layers", "intermediate_size", "rescale", "refit"},
     "static": {"kind", "dim", "weighting", "sif_coefficient"},
 }
 
