@@ -79,12 +79,16 @@ def main() -> int:
     allp = installed_descriptions(limit=None)
     verify, calib = allp[0::2][:200], [t for p in allp[1::2][:200] for t in p]
     results = {"verify_pairs": len(verify), "calibration_texts": len(calib), "models": {}}
+    if (work / "results.json").exists():  # rerunning some variants updates their rows, keeps the others
+        results["models"] = json.loads((work / "results.json").read_text()).get("models", {})
     variants = dict(VARIANTS + [("onnx-fp32-all-experts", {"target": "onnx", "all_experts": True})])
     for mname, ckpt in checkpoints(work).items():
         if mname not in a.models:
             continue
         model = load_pretrained(ckpt)
-        res = results["models"][mname] = {"checkpoint": str(ckpt), "engines": {}}
+        res = results["models"].setdefault(mname, {})
+        res.update(checkpoint=str(ckpt))
+        res.setdefault("engines", {})
         for vname in a.variants:
             if vname.endswith("all-experts") and not model.config.moe_layers:
                 continue

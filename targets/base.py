@@ -65,6 +65,12 @@ class CompileConfig:
     static_skip_post_gelu: bool = True  # static/QDQ: keep FFN down-projections (post-GELU input) in fp32
     ort_preoptimize: bool = True  # ORT offline basic graph optimisation before quantising
     quantize_attention_matmuls: bool = False  # Q/DQ on activation x activation MatMuls (QK^T, PV)
+    # Accuracy-aware INT8 (targets/fallback.py, ONNX + TensorRT): leave up to this many MatMul groups
+    # (sub-layers) in float, most sensitive first, until the probe cosine min on calibration text
+    # reaches int8_cos_min + int8_fallback_margin; 0 disables the search.
+    int8_fallback_groups: int = 8
+    int8_fallback_margin: float = 0.002
+    int8_fallback_probe_batches: int = 6
     # OpenVINO
     ov_precision_hint: str = "f32"  # INFERENCE_PRECISION_HINT at run time (CPU default would be bf16 here)
     # Calibration / verification
@@ -86,6 +92,8 @@ class CompileConfig:
             raise ValueError(f"ort_quant must be one of {', '.join(ORT_QUANT_MODES)}, got {self.ort_quant!r}")
         if self.ov_precision_hint not in OV_PRECISION_HINTS:
             raise ValueError(f"ov_precision_hint must be one of {', '.join(OV_PRECISION_HINTS)}")
+        if self.int8_fallback_groups < 0 or self.int8_fallback_probe_batches < 1:
+            raise ValueError("int8_fallback_groups must be >= 0 and int8_fallback_probe_batches >= 1")
         if self.dim is not None and self.dim < 1:
             raise ValueError(f"dim must be >= 1, got {self.dim}")
 

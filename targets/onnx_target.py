@@ -8,6 +8,10 @@ INT8 has two flavours (``CompileConfig.ort_quant``), both on MatMul weights only
   activations x int8 symmetric per-channel weights (ORT CPU's QDQ pair, VNNI u8s8); the FFN
   down-projections (post-GELU input) stay fp32 by default (``static_skip_post_gelu``).
 
+Both flavours go through the accuracy-aware search of ``targets/fallback.py``: when the probe cosine
+on calibration text is below ``int8_cos_min + int8_fallback_margin``, the most sensitive sub-layers
+stay in float (recorded in the manifest under ``quantizer.fallback``).
+
 Never quantised: the MoE router (a flipped top-k moves a token to another expert), activation x
 activation MatMuls (QK^T, PV: softmax probabilities and the additive -inf mask path), and the
 pooling / normalisation tail (no MatMul there). ORT's offline basic optimisation runs first.
@@ -23,6 +27,7 @@ import numpy as np
 
 from moe2edge._optional import has, require
 from moe2edge.targets.base import Artifact, CompileConfig, Sample
+from moe2edge.targets.fallback import quantize_accuracy_aware
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +79,11 @@ def excluded_matmuls(model_path: str | Path, *, keep_attention: bool = False,
 
 
 def ort_quantize_static(src: Path, dst: Path, calibration, *, symmetric_activations: bool, exclude: list[str],
-                        op_types=("MatMul", "Gemm")) -> dict:
-    """QDQ static INT8 with per-channel symmetric int8 weights; returns the settings (for the manifest)."""
+                        op_types=("MatMul", "Gemm"), cache: Path | None = None) -> dict:
+    """QDQ static INT8 with per-channel symmetric int8 weights; returns the settings (for the manifest).
+
+    ``cache``: ORT's calibration cache (JSON of tensor ranges): the first call calibrates and writes
+    it, later calls with other ``exclude`` sets reuse the ranges (the fallback search)."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     settings = {
@@ -91,6 +99,7 @@ def ort_quantize_static(src: Path, dst: Path, calibration, *, symmetric_activati
         activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
         calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=list(op_types), nodes_to_exclude=exclude,
         extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True},
+        calibration_cache_path=cache,
     )
     return settings
 
@@ -130,14 +139,21 @@ class OnnxTarget:
                                          exclude_post_gelu=cfg.ort_quant == "static" and cfg.static_skip_post_gelu)
         dst = work / "model.int8.onnx"
         if cfg.ort_quant == "static":
-            settings = ort_quantize_static(src, dst, calibration, symmetric_activations=False, exclude=exclude)
+            def quantize_to(excl, path):
+                return ort_quantize_static(src, path, calibration, symmetric_activations=False, exclude=excl,
+                                           cache=work / "calibration-cache.json")
         else:
-            from onnxruntime.quantization import QuantType, quantize_dynamic
+            def quantize_to(excl, path):
+                from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            settings = {"method": "onnxruntime.quantize_dynamic", "per_channel": True, "weight_type": "QInt8",
-                        "op_types_to_quantize": ["MatMul"], "nodes_to_exclude": sorted(exclude)}
-            quantize_dynamic(str(src), str(dst), per_channel=True, weight_type=QuantType.QInt8,
-                             op_types_to_quantize=["MatMul"], nodes_to_exclude=exclude)
+                quantize_dynamic(str(src), str(path), per_channel=True, weight_type=QuantType.QInt8,
+                                 op_types_to_quantize=["MatMul"], nodes_to_exclude=excl)
+                return {"method": "onnxruntime.quantize_dynamic", "per_channel": True, "weight_type": "QInt8",
+                        "op_types_to_quantize": ["MatMul"], "nodes_to_exclude": sorted(excl)}
+        settings = quantize_accuracy_aware(src, dst, calibration, base_exclude=exclude, quantize_to=quantize_to,
+                                           target=cfg.int8_cos_min + cfg.int8_fallback_margin,
+                                           max_groups=cfg.int8_fallback_groups,
+                                           probe_batches=cfg.int8_fallback_probe_batches)
         q = onnx.load(str(dst))
         check_no_qdq_on_mask(q)
         settings.update(preoptimized=cfg.ort_preoptimize, graph=info, nodes=qdq_summary(q))
