@@ -17,7 +17,9 @@ def register(sub) -> None:
             "With --int8 the graph is quantised with real calibration text (onnx: ORT dynamic per-channel or static "
             "QDQ; openvino: NNCF post-training; tensorrt: symmetric QDQ ONNX + build_engine.sh). Every engine is "
             "run on real text and compared with the PyTorch model before the folder appears (fp32: cosine min >= "
-            "0.9999; int8: >= 0.99); on failure nothing is written. The folder runs without torch: "
+            "0.9999; int8: >= 0.99); on failure nothing is written. A static student folder compiles to onnx or "
+            "openvino with its table lookup + mean in the graph (--int8: weight-only int8 table, no calibration). "
+            "The folder runs without torch: "
             "`moe2edge embed --engine DIR` or moe2edge.targets.runtime.load_engine(DIR)."
         ),
     )
@@ -78,15 +80,22 @@ def run(args) -> int:
     if args.min_cos is not None:
         kw["int8_cos_min" if args.int8 else "fp32_cos_min"] = args.min_cos
     cfg = CompileConfig(**kw)
-    model = load_pretrained(args.model)  # CheckpointError (a ValueError) names the bad file/tensor
     from pathlib import Path
 
+    from moe2edge.student.static import is_static, load_static
+
+    if is_static(args.model):  # a static student: token table + mean, weight-only INT8
+        if args.st_out:
+            raise ValueError("--st-out: a static student is already its own format (moe2edge.student.load_student)")
+        model = load_static(args.model).to_model().eval()
+    else:
+        model = load_pretrained(args.model)  # CheckpointError (a ValueError) names the bad file/tensor
     tok_file = Path(args.model) / "tokenizer.json"
     if not tok_file.exists():
         raise FileNotFoundError(f"{tok_file}: the checkpoint folder has no tokenizer.json (an engine must carry one)")
     pairs, dpkg_texts = _verify_pairs(args)
     calib = None
-    if args.int8:
+    if args.int8 and not is_static(args.model):
         if args.calibration is None:
             from moe2edge.targets.base import CalibrationError
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from moe2edge._io import atomic_dir, sha256_file, texts_sha256
 from moe2edge.targets.base import (
-    CalibrationError, CompileConfig, Sample, TargetUnavailableError, VerificationError, get,
+    CalibrationError, CompileConfig, Sample, TargetError, TargetUnavailableError, VerificationError, get,
 )
 from moe2edge.targets.runtime import ENGINE_FILE, ENGINE_FORMAT, Tokenizer, encode_batches, load_engine
 
@@ -202,12 +202,17 @@ def compile_engine(
 ) -> dict:
     """Build, verify and write an engine folder for ``cfg.target``; returns the manifest.
 
-    model: a ``NomicMoE``-family module (eval, fp32); tokenizer_file: its tokenizer.json;
+    model: a ``NomicMoE``-family module (eval, fp32) or a static student's ``StaticModel`` (onnx / openvino;
+    its INT8 is the weight-only int8 table, no calibration); tokenizer_file: its tokenizer.json;
     verify_pairs: (query, document) real-text pairs; calibration_texts: required for INT8.
     """
     t_start = time.perf_counter()
     target = get(cfg.target)
     mcfg = model.config
+    static = not hasattr(model, "encoder")  # a static student: token table + mean pooling, no transformer
+    if static and cfg.target == "tensorrt":
+        raise TargetError("a static student has no transformer to build a TensorRT engine for; compile it with "
+                          "--target onnx or --target openvino (a table lookup + mean runs on any CPU)")
     dim = cfg.dim or mcfg.hidden_size
     if not 1 <= dim <= mcfg.hidden_size:
         raise ValueError(f"dim must be in [1, {mcfg.hidden_size}], got {dim}")
@@ -222,7 +227,9 @@ def compile_engine(
     model = model.eval()
 
     calib, calib_info = None, None
-    if cfg.precision == "int8":
+    if cfg.precision == "int8" and static:
+        calib_info = {"not_needed": "weight-only INT8 (the table); there are no activations to calibrate"}
+    elif cfg.precision == "int8":
         calib, calib_info = calibration_batches(calibration_texts, tok, cfg)
         if mcfg.moe_layers:
             from moe2edge.targets.torch_export import expert_token_counts
@@ -240,9 +247,16 @@ def compile_engine(
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory(prefix="moe2edge-build-") as work:
         work = Path(work)
-        art = target.export(model, sample, work, cfg)
-        if cfg.precision == "int8":
-            art = target.quantize(art, calib, cfg)
+        if static and cfg.precision == "int8":
+            from moe2edge.student.static import StaticInt8Model
+
+            art = target.export(StaticInt8Model(mcfg, model.embeddings.weight.detach()), sample, work, cfg)
+            art = type(art)(art.path, art.target, "int8", {**art.info, "quantizer": {
+                "method": "weight-only int8 token table, symmetric, one scale per row (moe2edge StaticInt8Model)"}})
+        else:
+            art = target.export(model, sample, work, cfg)
+            if cfg.precision == "int8":
+                art = target.quantize(art, calib, cfg)
         files = dict(target.finalize(art, tmp, cfg))  # {"model_file": ..., other engine.json keys}
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
         spec = {
@@ -261,9 +275,11 @@ def compile_engine(
         file_hashes = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*"))
                        if p.is_file() and p.name != "manifest.json"}
         identity = {
-            "source": {"checkpoint_sha256": source_hash, "model_type": "moe" if mcfg.moe_layers else "dense",
-                       "hidden_size": mcfg.hidden_size, "num_layers": mcfg.num_layers,
-                       "num_experts": mcfg.num_experts if mcfg.moe_layers else 0, "top_k": mcfg.moe_top_k},
+            "source": {"checkpoint_sha256": source_hash,
+                       "model_type": "static" if static else "moe" if mcfg.moe_layers else "dense",
+                       "hidden_size": mcfg.hidden_size, "num_layers": getattr(mcfg, "num_layers", 0),
+                       "num_experts": mcfg.num_experts if mcfg.moe_layers else 0,
+                       "top_k": getattr(mcfg, "moe_top_k", 0)},
             "target": cfg.target, "precision": cfg.precision, "dim": dim, "config": cfg.to_dict(),
             "artifact": art.info, "calibration": calib_info, "verification_data": vdata,
             "versions": versions(), "files": file_hashes,

@@ -89,7 +89,7 @@ class ExportEmbedder(nn.Module):
             raise ValueError(f"dim must be in [1, {hidden}], got {dim}")
         self.dim = None if dim in (None, hidden) else dim
         self.model = copy.deepcopy(model).eval()
-        for block in self.model.encoder.layers:
+        for block in getattr(getattr(self.model, "encoder", None), "layers", []):  # none in a static student
             if hasattr(block.mlp, "router"):  # an MoE layer
                 block.mlp = ExportMoE(block.mlp, all_experts=all_experts)
 
