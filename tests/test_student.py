@@ -141,6 +141,35 @@ def test_dense_student_layers_and_width(moe, calib, minilm, texts):
     assert torch.isfinite(_pooled(d, minilm.tokenizer, texts[:4])).all()
 
 
+def test_refit_reconstructs_the_wide_ffn_better_than_dropping_units(moe, calib):
+    """Least-squares refit of the narrow FFN's fc2: lower error on the calibration tokens than keeping the
+    dropped-units fc2, at both a dense layer (0) and an MoE layer (1); exact when nothing is dropped."""
+    import torch.nn.functional as F
+
+    from moe2edge.student.calibration import moe_output
+    from moe2edge.student.dense import refit_fc2
+
+    @torch.no_grad()
+    def err(student, j, i):
+        x = calib.layers[i].inputs
+        mlp = moe.encoder.layers[i].mlp
+        want = moe_output(mlp, x) + mlp.experts.bias if moe.config.is_moe_layer(i) else mlp(x)[0]
+        got = student.encoder.layers[j].mlp(x)[0]
+        return float((got - want).norm() / want.norm())
+
+    plain = densify(moe, calib, layers=[0, 1], intermediate_size=96, rescale=True)
+    refit = densify(moe, calib, layers=[0, 1], intermediate_size=96, rescale=True, refit=True)
+    for j, i in ((0, 0), (1, 1)):
+        e_plain, e_refit = err(plain, j, i), err(refit, j, i)
+        assert e_refit < 0.8 * e_plain, (i, e_plain, e_refit)
+        assert refit.densify["per_layer"][str(i)]["refit_rel_error"] == pytest.approx(e_refit, rel=1e-2, abs=1e-4)
+    # With every unit kept the solve recovers the dense layer exactly (h has full column rank here).
+    fc = moe.encoder.layers[0].mlp
+    h = F.gelu(calib.layers[0].inputs @ fc.fc1.weight.t() + fc.fc1.bias)
+    w, b, e = refit_fc2(h, fc(calib.layers[0].inputs)[0], ridge=0.0)
+    assert e < 1e-4
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -273,6 +302,23 @@ def test_contrastive_weight_zero_cancels_the_trainer_infonce(moe, minilm, pairs)
     d = torch.randn(4, 384)
     total, nce = tr._loss_from_pooled(q, d, pairs[:4])
     assert float(nce) > 0 and float(total) == pytest.approx(0.0, abs=1e-5)
+
+
+def test_teacher_targets_are_cached_and_equal_to_a_fresh_forward(moe, minilm, pairs):
+    from moe2edge.student.distill import pooled
+
+    teacher = Embedder(moe, minilm.tokenizer)
+    dist = Distiller(teacher, DistillLoss(), 384)
+    docs = [p.positive for p in pairs[:6]]
+    first = dist.targets(docs[:4], "search_document", 64)
+    assert len(dist.cache) == 4 and dist.cache_hits == 0
+    again = dist.targets(docs, "search_document", 64)  # 4 reused, 2 new, computed in another batch
+    assert len(dist.cache) == 6 and dist.cache_hits == 4
+    fresh = pooled(teacher, docs, "search_document", 64)
+    torch.testing.assert_close(again, fresh, atol=1e-5, rtol=1e-5)  # padding differs: float noise only
+    torch.testing.assert_close(again[:4], first, atol=0, rtol=0)
+    dist.targets(docs[:2], "search_query", 64)  # another prompt is another target
+    assert len(dist.cache) == 8
 
 
 def test_pruned_student_distils_saves_with_lineage_and_loads(moe, calib, minilm, pairs, tmp_path):

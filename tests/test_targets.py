@@ -212,6 +212,63 @@ def test_tensorrt_writes_verified_qdq_and_build_scripts(small_moe, pairs, tmp_pa
     assert spec["runtime"] == "tensorrt" and "needs TensorRT + a CUDA GPU" in spec["engine_status"]
 
 
+def test_fallback_search_leaves_the_most_sensitive_groups_in_float():
+    """Synthetic graph: each quantised group adds a known error; the search must leave the worst ones
+    in float (most sensitive first) and stop as soon as the probe target is reached."""
+    from moe2edge.targets.fallback import search
+
+    err = {"a": [0.0, 0.001], "b": [0.0, 0.02], "c": [0.0, 0.005], "d": [0.0, 0.0001]}  # group -> angle added
+    groups = {k: [f"{k}.0", f"{k}.1"] for k in err}
+    ref = np.tile([[1.0, 0.0]], (3, 1))
+    calls = []
+
+    def quantize(exclude):
+        calls.append(sorted(exclude))
+        return exclude
+
+    def run(exclude):
+        angle = sum(sum(v) for k, v in err.items() if f"{k}.0" not in exclude)
+        return np.tile([[np.cos(angle), np.sin(angle)]], (3, 1))
+
+    excl, rep = search(quantize=quantize, reference=ref, run=run, groups=groups, base_exclude=["router"],
+                       target=float(np.cos(0.004)), max_groups=3)
+    assert rep["kept_float"] == ["b", "c"] and rep["reached"]  # b first (worst), then c; a and d stay int8
+    assert sorted(excl) == ["b.0", "b.1", "c.0", "c.1", "router"]
+    assert rep["all_quantized_probe_cos_min"] < rep["final_probe_cos_min"]
+    assert all("router" in c for c in calls)  # the base exclusions are never quantised
+    # Already good enough: no search at all.
+    excl, rep = search(quantize=quantize, reference=ref, run=run, groups=groups, base_exclude=[],
+                       target=0.0, max_groups=3)
+    assert excl == [] and rep["kept_float"] == [] and "sensitivity_probe_cos_min_if_float" not in rep
+
+
+def test_fallback_groups_name_modules_and_merge_experts(onnx_fp32):
+    import onnx
+
+    from moe2edge.targets.fallback import matmul_groups
+    from moe2edge.targets.onnx_graph import matmul_nodes
+
+    path = onnx_fp32[1] / "model.onnx"
+    rows = matmul_nodes(onnx.load(str(path), load_external_data=False))
+    cands = [r["name"] for r in rows if r["weight"] is not None and not r["router"]]
+    groups = matmul_groups(path, cands)
+    assert sum(len(v) for v in groups.values()) == len(cands)
+    assert len(groups["encoder.layers.1.mlp.fc1"]) == 4 and len(groups["encoder.layers.1.mlp.fc2"]) == 4  # 4 experts
+    assert {"encoder.layers.0.attn.Wqkv", "encoder.layers.0.mlp.fc1", "encoder.layers.1.attn.out_proj"} <= set(groups)
+
+
+def test_tensorrt_fallback_reaches_a_stricter_threshold(small_moe, pairs, tmp_path, cached_export):
+    """With a stricter cosine target the compile leaves sensitive sub-layers in float instead of failing."""
+    model, ckpt = small_moe
+    cfg = CompileConfig(target="tensorrt", precision="int8", int8_cos_min=0.998, static_skip_post_gelu=False)
+    man = _compile(model, ckpt, tmp_path / "trt", cfg, *pairs)
+    fb = man["identity"]["artifact"]["quantizer"]["fallback"]
+    assert fb["all_quantized_probe_cos_min"] < 0.998 + cfg.int8_fallback_margin <= fb["final_probe_cos_min"]
+    assert fb["kept_float"] and man["parity"]["cos_min"] >= 0.998
+    excluded = set(man["identity"]["artifact"]["quantizer"]["nodes_to_exclude"])
+    assert len(excluded) > man["identity"]["artifact"]["quantizer"]["graph"]["excluded_router"]
+
+
 @pytest.mark.gpu
 def test_tensorrt_engine_build():
     if not targets.get("tensorrt").is_available():
@@ -261,7 +318,7 @@ def test_failed_verification_leaves_nothing(small_moe, pairs, tmp_path, cached_e
 
 def test_threshold_failure_names_the_numbers(small_moe, pairs, tmp_path, cached_export):
     model, ckpt = small_moe
-    cfg = CompileConfig(target="onnx", precision="int8", int8_cos_min=0.99999999)
+    cfg = CompileConfig(target="onnx", precision="int8", int8_cos_min=0.99999999, int8_fallback_groups=0)
     with pytest.raises(targets.VerificationError, match=r"cosine min 0\.9\d+ < 0\.99999999 \(mean"):
         _compile(model, ckpt, tmp_path / "x", cfg, *pairs)
     assert not (tmp_path / "x").exists()
@@ -333,3 +390,32 @@ def test_sentence_transformers_openvino_backend(small_moe, tmp_path):
     m = st.SentenceTransformer(str(out), backend="openvino", device="cpu",
                                model_kwargs={"ov_config": {"INFERENCE_PRECISION_HINT": "f32"}})
     np.testing.assert_allclose(m.encode(texts), load_embedder(ckpt).encode(texts), atol=1e-5)
+
+
+def test_static_student_compiles_to_an_int8_table_engine(tmp_path, capsys):
+    """A static student (token table + mean) compiles like a checkpoint: lookup and pooling in the graph,
+    --int8 = weight-only int8 table with one scale per row (no calibration), verified, torch-free."""
+    from moe2edge.compile.cli import main
+    from moe2edge.student.static import StaticConfig, StaticEmbedder
+    from moe2edge.targets.runtime import load_engine
+    from moe2edge.teacher import minilm_path
+
+    g = np.random.default_rng(0)
+    V = 30522
+    table = (g.standard_normal((V, 32)) * np.exp(g.uniform(-3, 3, (V, 1)))).astype(np.float32)  # rows ~400x apart
+    st = StaticEmbedder(table, Path(minilm_path()) / "tokenizer.json",
+                        StaticConfig(vocab_size=V, hidden_size=32, max_seq_length=64))
+    src = st.save(tmp_path / "static")
+    out = tmp_path / "eng"
+    assert main(["compile", "--model", str(src), "--target", "onnx", "--int8", "--out", str(out)]) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["identity"]["source"]["model_type"] == "static" and man["identity"]["precision"] == "int8"
+    assert "one scale per row" in man["identity"]["artifact"]["quantizer"]["method"]
+    assert man["parity"]["cos_min"] >= 0.999
+    assert (out / "model.onnx").stat().st_size < table.nbytes / 3  # int8 + per-row scales: ~4x smaller
+    texts = ["a package manager for Debian", "fast text search tool with regular expressions"]
+    got = load_engine(out).encode(texts)
+    np.testing.assert_allclose((got * st.encode(texts)).sum(1), 1.0, atol=1e-3)
+    with pytest.raises(targets.TargetError, match="no transformer to build a TensorRT engine"):
+        main(["compile", "--model", str(src), "--target", "tensorrt", "--out", str(tmp_path / "trt")])
+    assert not (tmp_path / "trt").exists()
