@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +112,64 @@ class StaticInt8Model(StaticModel):
         return self.table_q.numel()
 
 
+class BertWordCache:
+    """Exact fast path of a BERT-uncased WordPiece ``tokenizer.json`` for ASCII text, with a word cache.
+
+    For a static student tokenisation IS the run time (HF ``tokenizers`` spends 0.35 ms normalising and
+    pre-tokenising a 128-token text here; the lookup + mean takes 0.02 ms). For ASCII input BERT's
+    pipeline is simple enough to replicate exactly: drop control characters, tab/newline/CR -> space,
+    lowercase, split on whitespace and isolate ASCII punctuation, then WordPiece each word -- which the
+    real tokenizer computes once per distinct word (cached). Non-ASCII text, or a tokenizer that is not
+    exactly {BertNormalizer(lowercase), BertPreTokenizer, WordPiece, [CLS] $A [SEP]}, goes through HF
+    ``tokenizers`` unchanged. Equality with HF on real text is tested.
+    """
+
+    _DROP = {c: None for c in list(range(0, 9)) + [11, 12] + list(range(14, 32)) + [127]}
+    _SPACE = {9: 32, 10: 32, 13: 32}
+    _WORDS = re.compile(r"[!-/:-@\[-`{-~]|[^\s!-/:-@\[-`{-~]+")
+
+    def __init__(self, hf_tokenizer, tokenizer_json: dict, max_words_cached: int = 200_000):
+        self.tok, self.cache, self.max_cached = hf_tokenizer, {}, max_words_cached
+        self.table = {**self._DROP, **self._SPACE}
+        specials = [hf_tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]")]
+        self.cls, self.sep = specials
+        self.enabled = self.applies(tokenizer_json) and None not in specials
+
+    @staticmethod
+    def applies(d: dict) -> bool:
+        norm, pre, model = d.get("normalizer") or {}, d.get("pre_tokenizer") or {}, d.get("model") or {}
+        post = d.get("post_processor") or {}
+        single = [next(iter(x)) if isinstance(x, dict) else x for x in post.get("single", [])]
+        return (norm.get("type") == "BertNormalizer" and norm.get("lowercase") is True
+                and norm.get("clean_text") is True and norm.get("strip_accents") in (None, True)
+                and pre.get("type") == "BertPreTokenizer" and model.get("type") == "WordPiece"
+                and post.get("type") == "TemplateProcessing"
+                and [(x.get("SpecialToken") or x.get("Sequence") or {}).get("id") for x in post.get("single", [])
+                     if isinstance(x, dict)] == ["[CLS]", "A", "[SEP]"] and len(single) == 3)
+
+    def _word(self, w: str) -> list[int]:
+        ids = self.cache.get(w)
+        if ids is None:
+            ids = self.tok.encode(w, add_special_tokens=False).ids
+            if len(self.cache) < self.max_cached:
+                self.cache[w] = ids
+        return ids
+
+    def ids(self, text: str, max_length: int) -> list[int] | None:
+        """[CLS] ... [SEP] ids truncated to ``max_length``, or None when the fast path does not apply."""
+        if not self.enabled or not text.isascii():
+            return None
+        out = [self.cls]
+        limit = max_length - 1
+        for w in self._WORDS.findall(text.translate(self.table).lower()):
+            out.extend(self._word(w))
+            if len(out) >= limit:
+                del out[limit:]
+                break
+        out.append(self.sep)
+        return out
+
+
 class StaticEmbedder:
     """numpy-only inference: tokenise, look up, mean, L2-normalise. ``encode`` = Embedder.encode."""
 
@@ -123,6 +182,7 @@ class StaticEmbedder:
         self.tok = HFTokenizer.from_file(str(tokenizer_file))
         self.tok.no_padding()
         self.tok.enable_truncation(max_length=cfg.max_seq_length)
+        self.fast = BertWordCache(self.tok, json.loads(Path(tokenizer_file).read_text(encoding="utf-8")))
         self.name = name
         self.manifest: dict = {}
 
@@ -147,6 +207,15 @@ class StaticEmbedder:
             return len(self.tok.encode(texts).ids)
         return [len(e.ids) for e in self.tok.encode_batch(list(texts))]
 
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Token ids per text (specials included, truncated): the cached fast path where it applies."""
+        seqs = [self.fast.ids(t, self.config.max_seq_length) for t in texts]
+        slow = [i for i, x in enumerate(seqs) if x is None]
+        if slow:
+            for i, e in zip(slow, self.tok.encode_batch([texts[i] for i in slow])):
+                seqs[i] = e.ids
+        return seqs
+
     def set_num_threads(self, n: int) -> None:
         """Lookup + mean is single-threaded numpy; nothing to set (kept for measure_latency)."""
 
@@ -161,12 +230,12 @@ class StaticEmbedder:
         pre = self.prefix(prompt)
         table = self.table[:, :d]
         for s in range(0, len(texts), batch_size):
-            encs = self.tok.encode_batch([pre + t for t in texts[s:s + batch_size]])
-            lens = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=len(encs))  # (B,)
-            ids = np.fromiter((i for e in encs for i in e.ids), dtype=np.int64, count=int(lens.sum()))
+            seqs = self.token_ids([pre + t for t in texts[s:s + batch_size]])
+            lens = np.fromiter((len(x) for x in seqs), dtype=np.int64, count=len(seqs))  # (B,)
+            ids = np.fromiter((i for x in seqs for i in x), dtype=np.int64, count=int(lens.sum()))
             starts = np.concatenate([[0], np.cumsum(lens)[:-1]])  # (B,)
-            sums = np.add.reduceat(table[ids], starts, axis=0) if len(ids) else np.zeros((len(encs), d), np.float32)
-            out[s:s + len(encs)] = sums / np.maximum(lens, 1)[:, None]  # (B, d) mean of the token rows
+            sums = np.add.reduceat(table[ids], starts, axis=0) if len(ids) else np.zeros((len(seqs), d), np.float32)
+            out[s:s + len(seqs)] = sums / np.maximum(lens, 1)[:, None]  # (B, d) mean of the token rows
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return out / np.maximum(norms, 1e-12)
 

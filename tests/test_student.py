@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -265,6 +266,25 @@ def test_static_student_encode_and_round_trip(small_vocab_teacher, texts, tmp_pa
         distill_static(small_vocab_teacher, dim=16, weighting="sif")
     with pytest.raises(ValueError, match=r"dim=64 must be in \[1, 32\]"):
         distill_static(small_vocab_teacher, dim=64, weighting="none")
+
+
+def test_static_fast_tokenizer_path_equals_hf_tokenizers(texts):
+    """The cached ASCII fast path gives exactly HF tokenizers' ids (controls, tabs, punctuation, long and
+    unknown words, truncation); non-ASCII text falls back to HF."""
+    from moe2edge.student.static import StaticConfig, StaticEmbedder
+    from moe2edge.teacher import minilm_path
+
+    st = StaticEmbedder(np.zeros((30522, 4), np.float32), Path(minilm_path()) / "tokenizer.json",
+                        StaticConfig(vocab_size=30522, hidden_size=4, max_seq_length=24))
+    assert st.fast.enabled
+    tricky = ["", "   ", "Hello, World!!", "tab\there\nnew\rline", "ctrl\x00\x07\x1b\x7fchars", "a-b_c/d\\e|f~g`h",
+              "x" * 150 + " tail", "MiXeD CaSe 3.14 e-mail@host.org (parens) [brackets] {braces}",
+              "word " * 40, "qzxqvzxqv unknownish zzzzyyyy", "\x0b\x0cvt ff"] + [t[:200] for t in texts]
+    for t in tricky:
+        assert st.fast.ids(t, 24) == st.tok.encode(t).ids, repr(t)
+    assert st.fast.ids("café", 24) is None  # non-ASCII: HF path
+    assert st.token_ids(["café au lait", "plain"]) == [st.tok.encode("café au lait").ids, st.tok.encode("plain").ids]
+    assert len(st.fast.cache) > 0
 
 
 def test_static_table_trains_through_the_teacher_trainer(small_vocab_teacher, pairs, texts):
