@@ -133,6 +133,7 @@ def densify(model: NomicMoE, calib: Calibration, *, init: str = "merge", score: 
     return student.train(model.training)
 
 
+@torch.no_grad()
 def refit_fc2(h: torch.Tensor, y: torch.Tensor, ridge: float) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Ridge least squares [h, 1] @ [W^T; b] ~= y in float64 -> (W (D, F'), b (D,), relative error).
 
