@@ -422,3 +422,28 @@ def test_static_student_compiles_to_an_int8_table_engine(tmp_path, capsys):
     with pytest.raises(targets.TargetError, match="no transformer to build a TensorRT engine"):
         main(["compile", "--model", str(src), "--target", "tensorrt", "--out", str(tmp_path / "trt")])
     assert not (tmp_path / "trt").exists()
+
+
+def test_demo_stage_static_student_engine(tmp_path):
+    """The main job's student stage: a static student from a (small) teacher, compiled to a verified
+    ONNX INT8 engine that the evaluation harness can run."""
+    from moe2edge.compile.pipeline import FROZEN_BENCHMARK, static_student_engine
+    from moe2edge.data.installed import installed_descriptions
+    from moe2edge.data.readers import load_beir
+    from moe2edge.teacher import load_embedder, minilm_path
+
+    t = load_embedder(minilm_path())
+    t.model.encoder.layers = torch.nn.ModuleList(list(t.model.encoder.layers)[:1])
+    t.model.config = t.model.config.replace(num_layers=1, max_seq_length=64)
+    rows = installed_descriptions(limit=40)
+    if len(rows) < 20:
+        pytest.skip("needs package descriptions in /var/lib/dpkg/status")
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"query": q, "positive": d, "language": "en"}) + "\n" for q, d in rows))
+    ds = load_beir(FROZEN_BENCHMARK)
+    engine = static_student_engine(t, {"pairs": str(pairs)}, ds, tmp_path)
+    man = json.loads((tmp_path / "static-student-onnx-int8" / "manifest.json").read_text())
+    assert man["identity"]["source"]["model_type"] == "static" and man["parity"]["cos_min"] >= 0.999
+    assert man["parity"]["n"] >= 400  # 200 benchmark (query, document) pairs + the extra shapes
+    x = engine.encode(["a text editor", "a web server"])
+    assert x.shape == (2, 256) and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
