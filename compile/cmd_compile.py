@@ -84,7 +84,8 @@ def run(args) -> int:
 
     from moe2edge.student.static import is_static, load_static
 
-    if is_static(args.model):  # a static student: token table + mean, weight-only INT8
+    static = is_static(args.model)
+    if static:  # a static student: token table + mean, weight-only INT8
         if args.st_out:
             raise ValueError("--st-out: a static student is already its own format (moe2edge.student.load_student)")
         model = load_static(args.model).to_model().eval()
@@ -95,7 +96,7 @@ def run(args) -> int:
         raise FileNotFoundError(f"{tok_file}: the checkpoint folder has no tokenizer.json (an engine must carry one)")
     pairs, dpkg_texts = _verify_pairs(args)
     calib = None
-    if args.int8 and not is_static(args.model):
+    if args.int8 and not static:
         if args.calibration is None:
             from moe2edge.targets.base import CalibrationError
 

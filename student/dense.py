@@ -112,9 +112,10 @@ def densify(model: NomicMoE, calib: Calibration, *, init: str = "merge", score: 
             imp = hidden.abs().mean(0) * fc2_w.norm(dim=0)  # (F,)
             idx = torch.topk(imp, Fn).indices.sort().values  # (F',)
             if refit:
-                full = hidden @ fc2_w.t() + fc2_b  # (T, D): the wide FFN's output (MoE: its dense stand-in)
-                if cfg.is_moe_layer(i):
+                if cfg.is_moe_layer(i):  # (T, D): what the teacher layer's FFN outputs
                     full = moe_output(model.encoder.layers[i].mlp, lc.inputs) + fc2_b
+                else:
+                    full = hidden @ fc2_w.t() + fc2_b
                 fc2_w, fc2_b, err = refit_fc2(hidden[:, idx], full, ridge)
                 report[str(i)]["refit_rel_error"] = round(err, 5)
             else:

@@ -139,13 +139,12 @@ class BertWordCache:
     def applies(d: dict) -> bool:
         norm, pre, model = d.get("normalizer") or {}, d.get("pre_tokenizer") or {}, d.get("model") or {}
         post = d.get("post_processor") or {}
-        single = [next(iter(x)) if isinstance(x, dict) else x for x in post.get("single", [])]
+        single = [(x.get("SpecialToken") or x.get("Sequence") or {}).get("id") if isinstance(x, dict) else x
+                  for x in post.get("single", [])]  # the template for one text: [CLS] $A [SEP]
         return (norm.get("type") == "BertNormalizer" and norm.get("lowercase") is True
                 and norm.get("clean_text") is True and norm.get("strip_accents") in (None, True)
                 and pre.get("type") == "BertPreTokenizer" and model.get("type") == "WordPiece"
-                and post.get("type") == "TemplateProcessing"
-                and [(x.get("SpecialToken") or x.get("Sequence") or {}).get("id") for x in post.get("single", [])
-                     if isinstance(x, dict)] == ["[CLS]", "A", "[SEP]"] and len(single) == 3)
+                and post.get("type") == "TemplateProcessing" and single == ["[CLS]", "A", "[SEP]"])
 
     def _word(self, w: str) -> list[int]:
         ids = self.cache.get(w)
@@ -182,7 +181,7 @@ class StaticEmbedder:
         self.tok = HFTokenizer.from_file(str(tokenizer_file))
         self.tok.no_padding()
         self.tok.enable_truncation(max_length=cfg.max_seq_length)
-        self.fast = BertWordCache(self.tok, json.loads(Path(tokenizer_file).read_text(encoding="utf-8")))
+        self.fast = BertWordCache(self.tok, json.loads(self.tok.to_str()))
         self.name = name
         self.manifest: dict = {}
 
@@ -256,9 +255,8 @@ class StaticEmbedder:
         log.info("saved static student %s", path)
         return path
 
-    def to_model(self, *, int8: bool = False) -> StaticModel:
-        table = torch.from_numpy(self.table.copy())
-        return StaticInt8Model(self.config, table) if int8 else StaticModel(self.config, table)
+    def to_model(self) -> StaticModel:
+        return StaticModel(self.config, torch.from_numpy(self.table.copy()))
 
 
 def is_static(path: str | Path) -> bool:

@@ -33,7 +33,7 @@ import numpy as np
 
 from moe2edge._io import atomic_dir, sha256_file, texts_sha256
 from moe2edge.targets.base import (
-    CalibrationError, CompileConfig, Sample, TargetError, TargetUnavailableError, VerificationError, get,
+    Artifact, CalibrationError, CompileConfig, Sample, TargetError, TargetUnavailableError, VerificationError, get,
 )
 from moe2edge.targets.runtime import ENGINE_FILE, ENGINE_FORMAT, Tokenizer, encode_batches, load_engine
 
@@ -251,7 +251,7 @@ def compile_engine(
             from moe2edge.student.static import StaticInt8Model
 
             art = target.export(StaticInt8Model(mcfg, model.embeddings.weight.detach()), sample, work, cfg)
-            art = type(art)(art.path, art.target, "int8", {**art.info, "quantizer": {
+            art = Artifact(art.path, art.target, "int8", {**art.info, "quantizer": {
                 "method": "weight-only int8 token table, symmetric, one scale per row (moe2edge StaticInt8Model)"}})
         else:
             art = target.export(model, sample, work, cfg)

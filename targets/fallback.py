@@ -54,14 +54,15 @@ def _module_name(node, weight: str | None, consumers: dict, inits: set) -> str:
     return node.name
 
 
-def matmul_groups(model_path: str | Path, candidates: list[str]) -> dict[str, list[str]]:
+def matmul_groups(model, candidates: list[str]) -> dict[str, list[str]]:
     """Group quantisable MatMul node names by the module they belong to, experts merged:
-    ``...layers.3.mlp.fc1.5`` and ``...fc1.0`` -> one group ``...layers.3.mlp.fc1``."""
+    ``...layers.3.mlp.fc1.5`` and ``...fc1.0`` -> one group ``...layers.3.mlp.fc1``.
+    ``model``: an ``onnx.ModelProto`` or a path to one."""
     import onnx
 
     from moe2edge.targets.onnx_graph import matmul_nodes
 
-    g = onnx.load(str(model_path), load_external_data=False)
+    g = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
     weight = {r["name"]: r["weight"] for r in matmul_nodes(g)}
     nodes = {n.name: n for n in g.graph.node}
     inits = {i.name for i in g.graph.initializer}
@@ -85,7 +86,8 @@ def probe_embeddings(path: str | Path, batches) -> np.ndarray:
 
 
 def search(*, quantize: Callable[[list[str]], Path], reference: np.ndarray, run: Callable[[Path], np.ndarray],
-           groups: dict[str, list[str]], base_exclude: list[str], target: float, max_groups: int) -> tuple[list[str], dict]:
+           groups: dict[str, list[str]], base_exclude: list[str], target: float,
+           max_groups: int) -> tuple[list[str], dict]:
     """-> (nodes to exclude, report). ``reference``: the float graph's probe embeddings."""
     def measure(extra: list[str]) -> float:
         return cos_min(reference, run(quantize(base_exclude + extra)))
@@ -113,30 +115,35 @@ def search(*, quantize: Callable[[list[str]], Path], reference: np.ndarray, run:
     return list(base_exclude) + extra, report
 
 
-def quantize_accuracy_aware(src: Path, dst: Path, calibration, *, base_exclude: list[str], target: float,
-                            max_groups: int, probe_batches: int,
+def quantize_accuracy_aware(src: Path, dst: Path, calibration, cfg, *, base_exclude: list[str],
                             quantize_to: Callable[[list[str], Path], dict]) -> dict:
     """Quantise ``src`` into ``dst`` with ``quantize_to(exclude, path) -> settings``, leaving the most
-    sensitive MatMul groups in float until the probe cosine min reaches ``target``; -> settings with
-    the search report under ``"fallback"``."""
+    sensitive MatMul groups in float until the probe cosine min reaches ``cfg.int8_cos_min +
+    cfg.int8_fallback_margin`` (``cfg``: a CompileConfig); -> settings with the search report under
+    ``"fallback"``."""
     import onnx
 
     from moe2edge.targets.onnx_graph import matmul_nodes
 
     g = onnx.load(str(src), load_external_data=False)
     candidates = [r["name"] for r in matmul_nodes(g) if r["weight"] is not None and r["name"] not in base_exclude]
-    probe = list(calibration)[: max(1, probe_batches)]
+    probe = list(calibration)[: max(1, cfg.int8_fallback_probe_batches)]
     reference = probe_embeddings(src, probe)
     trial = dst.parent / "fallback-trial.onnx"
+    last: dict = {}
 
     def quantize(exclude: list[str]) -> Path:
-        quantize_to(exclude, trial)
+        last.update(exclude=sorted(exclude), settings=quantize_to(exclude, trial))
         return trial
 
     exclude, report = search(quantize=quantize, reference=reference, run=lambda p: probe_embeddings(p, probe),
-                             groups=matmul_groups(src, candidates), base_exclude=list(base_exclude),
-                             target=target, max_groups=max_groups)
-    trial.unlink(missing_ok=True)
-    settings = quantize_to(exclude, dst)
+                             groups=matmul_groups(g, candidates), base_exclude=list(base_exclude),
+                             target=cfg.int8_cos_min + cfg.int8_fallback_margin, max_groups=cfg.int8_fallback_groups)
+    if last.get("exclude") == sorted(exclude):  # the search's last trial is the answer: keep it
+        trial.replace(dst)
+        settings = last["settings"]
+    else:
+        trial.unlink(missing_ok=True)
+        settings = quantize_to(exclude, dst)
     settings["fallback"] = report
     return settings

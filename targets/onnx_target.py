@@ -150,10 +150,7 @@ class OnnxTarget:
                                  op_types_to_quantize=["MatMul"], nodes_to_exclude=excl)
                 return {"method": "onnxruntime.quantize_dynamic", "per_channel": True, "weight_type": "QInt8",
                         "op_types_to_quantize": ["MatMul"], "nodes_to_exclude": sorted(excl)}
-        settings = quantize_accuracy_aware(src, dst, calibration, base_exclude=exclude, quantize_to=quantize_to,
-                                           target=cfg.int8_cos_min + cfg.int8_fallback_margin,
-                                           max_groups=cfg.int8_fallback_groups,
-                                           probe_batches=cfg.int8_fallback_probe_batches)
+        settings = quantize_accuracy_aware(src, dst, calibration, cfg, base_exclude=exclude, quantize_to=quantize_to)
         q = onnx.load(str(dst))
         check_no_qdq_on_mask(q)
         settings.update(preoptimized=cfg.ort_preoptimize, graph=info, nodes=qdq_summary(q))

@@ -132,8 +132,7 @@ class TensorRTTarget:
         dst = exported.path.parent / "model_qdq.onnx"
         cache = exported.path.parent / "calibration-cache.json"
         settings = quantize_accuracy_aware(
-            exported.path, dst, calibration, base_exclude=exclude, target=cfg.int8_cos_min + cfg.int8_fallback_margin,
-            max_groups=cfg.int8_fallback_groups, probe_batches=cfg.int8_fallback_probe_batches,
+            exported.path, dst, calibration, cfg, base_exclude=exclude,
             quantize_to=lambda excl, path: ort_quantize_static(exported.path, path, calibration,
                                                                symmetric_activations=True, exclude=excl, cache=cache))
         q = onnx.load(str(dst))
