@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from moe2edge.compile._args import add_integrity, positive_int
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -17,22 +19,38 @@ def register(sub) -> None:
     )
     p.add_argument("engines", nargs="*", help="engine folders")
     p.add_argument("--model", default=None, help="PyTorch checkpoint folder to measure as the baseline")
-    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="thread counts (default: 1 2)")
-    p.add_argument("--repeats", type=int, nargs=2, default=[20, 5], metavar=("B1", "B32"),
+    p.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2], help="thread counts (default: 1 2)")
+    p.add_argument("--repeats", type=positive_int, nargs=2, default=[20, 5], metavar=("B1", "B32"),
                    help="timed calls at batch 1 and at batch 32 (default 20 5)")
     p.add_argument("--out", default=None, help="JSON output path")
+    add_integrity(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from moe2edge._io import write_json
+    from moe2edge._integrity import check_folder, describe
+    from moe2edge._io import input_dir, safe_output, write_json
     from moe2edge.targets.bench import bench, table
 
     if not args.engines and not args.model:
         raise ValueError("nothing to measure: give engine folders and/or --model CHECKPOINT")
+    # Before any subprocess starts: every folder exists and its files match its manifest (the measuring child
+    # checks again; the hash cache makes that a stat), and the output can be written.
+    from moe2edge.targets.runtime import EngineFolderError
+
+    for e in args.engines:
+        if not (input_dir(e, "engine folder") / "engine.json").is_file():
+            raise EngineFolderError(f"{e}: not an engine folder (no engine.json); build one with `moe2edge compile`")
+        check_folder(e, required=True)
+    if args.model:
+        input_dir(args.model, "--model checkpoint folder")
+    if args.out:
+        safe_output(args.out, inputs=[*args.engines, args.model], folder=False)
     report = bench(args.engines, pytorch=args.model, threads=tuple(args.threads),
                    repeats={1: args.repeats[0], 32: args.repeats[1]})
     print(table(report))
+    for r in report["results"]:
+        print(f"  {r['name']}: {describe(r.get('integrity'))}")
     if args.out:
         write_json(args.out, report)
         print(f"wrote {args.out}")

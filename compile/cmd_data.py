@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from moe2edge.compile._args import nonneg_int, open_fraction, positive_int
+
 DEFAULT_OUT = ".cache/moe2edge/debian-bookworm"
 
 
@@ -31,10 +33,11 @@ def register(sub) -> None:
                    help="where to write the benchmark (default: OUT/benchmark); e.g. benchmarks/debian-bookworm-v1")
     b.add_argument("--suite", default="bookworm", help="Debian suite; one only (default: bookworm)")
     b.add_argument("--seed", type=int, default=13)
-    b.add_argument("--test-fraction", type=float, default=0.10, help="fraction of groups held out (default 0.10)")
-    b.add_argument("--max-train-per-lang", type=int, default=5000,
+    b.add_argument("--test-fraction", type=open_fraction, default=0.10,
+                   help="fraction of groups held out, in (0, 1) (default 0.10)")
+    b.add_argument("--max-train-per-lang", type=nonneg_int, default=5000,
                    help="training pairs per non-English language and kind (mono/cross) (default 5000)")
-    b.add_argument("--max-train-en", type=int, default=30000, help="English training pairs (default 30000)")
+    b.add_argument("--max-train-en", type=nonneg_int, default=30000, help="English training pairs (default 30000)")
     b.set_defaults(func=run)
     f = dsub.add_parser(
         "fixture",
@@ -44,7 +47,7 @@ def register(sub) -> None:
     )
     f.add_argument("--lists", required=True, help="full lists dir (from `moe2edge data build`)")
     f.add_argument("--out", required=True, help="fixture folder to write")
-    f.add_argument("--sources", type=int, default=24, help="number of source packages to keep (default 24)")
+    f.add_argument("--sources", type=positive_int, default=24, help="number of source packages to keep (default 24)")
     f.set_defaults(func=run_fixture)
 
 
@@ -53,8 +56,15 @@ def run(args) -> int:
 
     from moe2edge.data.debian import BuildConfig, build_debian, fetch_lists
 
+    from moe2edge._io import input_dir, output_folder
+
     log = logging.getLogger("moe2edge.data")
     out = Path(args.out)
+    output_folder(out, inputs=[args.lists])  # before the fetch
+    if args.benchmark_out:
+        output_folder(args.benchmark_out, inputs=[args.lists], flag="--benchmark-out")
+    if args.lists:
+        input_dir(args.lists, "--lists folder (from `moe2edge data build`)")
     lists = Path(args.lists) if args.lists else fetch_lists(out / "lists", suite=args.suite)
     cfg = BuildConfig(suite=args.suite, seed=args.seed, test_fraction=args.test_fraction,
                       max_train_per_lang=args.max_train_per_lang, max_train_en=args.max_train_en)
@@ -85,8 +95,11 @@ def run(args) -> int:
 
 
 def run_fixture(args) -> int:
+    from moe2edge._io import input_dir, output_folder
     from moe2edge.data.debian import make_fixture_lists
 
+    input_dir(args.lists, "--lists folder")
+    output_folder(args.out, inputs=[args.lists])
     files = make_fixture_lists(args.lists, args.out, n_sources=args.sources)
     total = sum(p.stat().st_size for p in files)
     print(f"wrote {len(files)} files ({total / 1024:.1f} KiB) to {args.out}")

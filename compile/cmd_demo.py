@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from moe2edge.compile._args import positive_int
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -17,8 +19,8 @@ def register(sub) -> None:
         ),
     )
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: configs/cpu-default.json)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--steps", type=positive_int, default=None, help="training steps (default: configs/cpu-default.json)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
     p.set_defaults(func=run)
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from moe2edge.compile._args import add_force, add_integrity, int_list, nonneg_float, nonneg_int, positive_float, positive_int
+
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 KINDS = ("pruned", "dense", "static")
 
@@ -23,11 +25,13 @@ def register(sub) -> None:
     )
     p.add_argument("--teacher", required=True, help="teacher checkpoint folder (released nomic_bert format)")
     p.add_argument("--student", required=True, choices=KINDS, help="student kind")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True,
+                   help="student folder to write (a student folder this tool wrote is replaced; anything else is "
+                        "refused unless --force)")
     p.add_argument("--config", default=None, help="recipe JSON (default: configs/student-KIND.json)")
     g = p.add_argument_group("pruned")
-    g.add_argument("--experts", type=int, default=None, help="experts kept per MoE layer")
-    g.add_argument("--top-k", type=int, default=None, help="experts per token in the student")
+    g.add_argument("--experts", type=positive_int, default=None, help="experts kept per MoE layer")
+    g.add_argument("--top-k", type=positive_int, default=None, help="experts per token in the student")
     g.add_argument("--score", choices=("router", "output_norm"), default=None,
                    help="expert score: routing frequency x router mass, or gated output norm")
     g.add_argument("--merge", action=_Bool, default=None, help="merge dropped experts into kept ones (--no-merge)")
@@ -37,23 +41,25 @@ def register(sub) -> None:
                    help="fold a least-squares output scale into w2/fc2 (--no-rescale)")
     g = p.add_argument_group("dense")
     g.add_argument("--init", choices=("merge", "top"), default=None, help="FFN from the expert merge or the top expert")
-    g.add_argument("--layers", default=None, help="teacher layers to keep, comma-separated (e.g. 0,2,4)")
-    g.add_argument("--intermediate-size", type=int, default=None, help="FFN width of the student")
+    g.add_argument("--layers", type=int_list, default=None, help="teacher layers to keep, comma-separated (e.g. 0,2,4)")
+    g.add_argument("--intermediate-size", type=positive_int, default=None, help="FFN width of the student")
     g.add_argument("--refit", action=_Bool, default=None,
                    help="re-solve the narrow FFN's output projection by least squares to reproduce the "
                         "teacher layer's FFN output on calibration tokens (--no-refit: just drop units)")
     g = p.add_argument_group("static")
-    g.add_argument("--dim", type=int, default=None, help="PCA dimension of the token table")
+    g.add_argument("--dim", type=positive_int, default=None, help="PCA dimension of the token table")
     g.add_argument("--weighting", choices=("none", "zipf", "sif"), default=None, help="token frequency weighting")
     g = p.add_argument_group("data and training")
     g.add_argument("--pairs", default=None, help="training pairs JSONL (calibration text and fine-tune)")
-    g.add_argument("--steps", type=int, default=None, help="fine-tune steps (0: build only)")
-    g.add_argument("--lr", type=float, default=None)
-    g.add_argument("--batch-size", type=int, default=None)
-    g.add_argument("--contrastive-weight", type=float, default=None)
-    g.add_argument("--embedding-weight", type=float, default=None)
-    g.add_argument("--similarity-weight", type=float, default=None)
-    g.add_argument("--threads", type=int, default=None, help="torch threads")
+    g.add_argument("--steps", type=nonneg_int, default=None, help="fine-tune steps (0: build only)")
+    g.add_argument("--lr", type=positive_float, default=None)
+    g.add_argument("--batch-size", type=positive_int, default=None)
+    g.add_argument("--contrastive-weight", type=nonneg_float, default=None)
+    g.add_argument("--embedding-weight", type=nonneg_float, default=None)
+    g.add_argument("--similarity-weight", type=nonneg_float, default=None)
+    g.add_argument("--threads", type=positive_int, default=None, help="torch threads")
+    add_force(p)
+    add_integrity(p)
     p.set_defaults(func=run)
 
 
@@ -72,6 +78,8 @@ def build_config(args) -> dict:
 
     cfg = load_recipe(args.config or CONFIGS / f"student-{args.student}.json")
     st = cfg.setdefault("student", {})
+    if not isinstance(st, dict):
+        raise ValueError(f"{args.config or 'student config'}: section 'student' must be an object")
     if st.get("kind", args.student) != args.student:
         raise ValueError(f"--student {args.student} but the config is for kind {st['kind']!r}")
     st["kind"] = args.student
@@ -79,7 +87,7 @@ def build_config(args) -> dict:
     flags = {"num_experts": args.experts, "top_k": args.top_k, "score": args.score, "merge": args.merge,
              "normalize": args.normalize, "rescale": args.rescale, "init": args.init,
              "intermediate_size": args.intermediate_size, "refit": args.refit, "dim": args.dim, "weighting": args.weighting,
-             "layers": [int(x) for x in args.layers.split(",")] if args.layers else None}
+             "layers": args.layers}
     from moe2edge.student.recipe import STUDENT_KEYS
 
     for k, v in flags.items():
@@ -103,10 +111,16 @@ def run(args) -> int:
 
     from moe2edge.student.recipe import distill_from_config
 
+    from moe2edge._io import input_dir, safe_output
+    from moe2edge.student.recipe import validate_recipe
+
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = build_config(args)
-    student, m = distill_from_config(cfg, teacher_path=args.teacher, out=args.out)
+    cfg = validate_recipe(build_config(args))  # every key and type, before the teacher is loaded
+    input_dir(args.teacher, "--teacher checkpoint folder")
+    pairs = (cfg.get("data") or {}).get("pairs")
+    safe_output(args.out, inputs=[args.teacher, pairs, args.config], force=args.force, kinds=("student",))
+    student, m = distill_from_config(cfg, teacher_path=args.teacher, out=args.out, force=args.force)
     params = m.get("params", {})
     print(f"wrote {args.out}: {args.student} student"
           + (f", {params['active_non_embedding'] / 1e6:.2f}M active non-embedding params" if params else "")

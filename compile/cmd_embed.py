@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from moe2edge.compile._args import add_integrity, positive_int
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -14,22 +16,26 @@ def register(sub) -> None:
         "and write a float32 .npy of L2-normalised embeddings.",
     )
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--model", help="checkpoint folder (runs with PyTorch)")
+    src.add_argument("--model", help="checkpoint or student folder (runs with PyTorch / numpy)")
     src.add_argument("--engine", help="engine folder from `moe2edge compile` (runs with its runtime, no torch)")
-    p.add_argument("--threads", type=int, default=None, help="runtime threads for --engine (default 1)")
+    p.add_argument("--threads", type=positive_int, default=None, help="runtime threads for --engine (default 1)")
     p.add_argument("--input", default="-", help="UTF-8 text file, one text per line (default: stdin)")
-    p.add_argument("--output", required=True, help="output .npy path")
+    p.add_argument("--output", required=True, help="output .npy path (never one of the inputs)")
     p.add_argument("--prompt", default=None, help="prompt name, e.g. search_query or search_document")
-    p.add_argument("--dim", type=int, default=None, help="Matryoshka output dimension (default: full)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--dim", type=positive_int, default=None, help="Matryoshka output dimension (default: full)")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    add_integrity(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     import numpy as np
 
-    from moe2edge._io import atomic_write_bytes
+    from moe2edge._io import atomic_write_bytes, input_file, safe_output
 
+    if args.input != "-":
+        input_file(args.input, "--input text file")
+    safe_output(args.output, inputs=[args.input, args.model or args.engine], folder=False, flag="--output")
     raw = sys.stdin.buffer.read() if args.input == "-" else open(args.input, "rb").read()
     try:
         text = raw.decode("utf-8")
@@ -37,15 +43,27 @@ def run(args) -> int:
         line = raw[: e.start].count(b"\n") + 1
         raise ValueError(f"{args.input}: not valid UTF-8 at line {line} (byte {e.start})") from None
     lines = text.splitlines()
+    where = "stdin" if args.input == "-" else args.input
+    if not any(t.strip() for t in lines):
+        raise ValueError(f"{where}: no text lines: nothing to embed (write one text per line)")
     if args.engine:
         from moe2edge.targets.runtime import load_engine
 
         embedder = load_engine(args.engine, threads=args.threads or 1)
+        prompts = embedder.prompts
     else:
-        from moe2edge.teacher import load_embedder
+        from moe2edge.student import load_student
 
-        embedder = load_embedder(args.model)
+        embedder = load_student(args.model)  # a checkpoint (teacher, pruned / dense student) or a static student
+        prompts = embedder.config.prompts
+    if args.prompt is not None and args.prompt not in prompts:  # the library ignores prompts a model lacks
+        raise ValueError(f"--prompt {args.prompt!r}: this model knows "
+                         + (", ".join(prompts) if prompts else "no prompts (embed without --prompt)"))
     emb = embedder.encode(lines, prompt=args.prompt, dim=args.dim, batch_size=args.batch_size)
+    bad = ~np.isfinite(emb).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{args.model or args.engine}: {int(bad.sum())} of {len(lines)} embeddings are not finite "
+                         f"(NaN / inf; first at line {int(np.argmax(bad)) + 1}): the model is broken; nothing written")
     import io
 
     buf = io.BytesIO()

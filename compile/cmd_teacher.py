@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from moe2edge.compile._args import add_force, add_integrity, nonneg_int, positive_float, positive_int
+
 
 def register(sub) -> None:
     p = sub.add_parser(
@@ -18,13 +20,15 @@ def register(sub) -> None:
                      "'minilm' = the bundled all-MiniLM-L6-v2) and save it in the released HF format.")
     u.add_argument("--model", default="minilm", help="dense checkpoint folder, or 'minilm' (default)")
     u.add_argument("--out", required=True, help="output folder")
-    u.add_argument("--experts", type=int, default=8)
-    u.add_argument("--top-k", type=int, default=2)
-    u.add_argument("--every", type=int, default=2, help="MoE at layers i with i %% every == 1 (default 2)")
+    u.add_argument("--experts", type=positive_int, default=8)
+    u.add_argument("--top-k", type=positive_int, default=2)
+    u.add_argument("--every", type=positive_int, default=2, help="MoE at layers i with i %% every == 1 (default 2)")
     u.add_argument("--keep-biases", action="store_true",
                    help="keep the dense biases (with --normalize the MoE equals the dense model at step 0)")
     u.add_argument("--normalize", action="store_true", help="renormalise the top-k weights (not as released)")
     u.add_argument("--seed", type=int, default=0)
+    add_force(u)
+    add_integrity(u)
     u.set_defaults(func=run_upcycle)
 
     tr = t.add_parser("train", help="contrastive training from a JSON recipe (torchrun for multi-process)",
@@ -34,8 +38,10 @@ def register(sub) -> None:
     tr.add_argument("--config", default=None, help="recipe JSON (default: configs/cpu-default.json)")
     tr.add_argument("--out", default="runs/teacher", help="output folder (checkpoints, history.json)")
     tr.add_argument("--resume", default=None, help="checkpoint folder to resume from (same recipe only)")
-    tr.add_argument("--steps", type=int, default=None, help="override train.steps")
-    tr.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    tr.add_argument("--steps", type=positive_int, default=None, help="override train.steps")
+    tr.add_argument("--threads", type=positive_int, default=None, help="torch threads per process")
+    add_force(tr, "OUT/final or OUT/checkpoint-N")
+    add_integrity(tr)
     tr.set_defaults(func=run_train)
 
     for name, helptext in (("filter", "consistency filtering: keep pairs whose document is in the query's top-k"),
@@ -45,25 +51,29 @@ def register(sub) -> None:
         f.add_argument("--pairs", required=True, help="input JSONL pairs")
         f.add_argument("--out", required=True, help="output JSONL")
         f.add_argument("--model", default="e5-small", help="'e5-small' (default) or a checkpoint folder")
-        f.add_argument("--limit", type=int, default=None, help="use only the first N pairs")
+        f.add_argument("--limit", type=positive_int, default=None, help="use only the first N pairs")
+        add_integrity(f)
         if name == "filter":
-            f.add_argument("--top-k", type=int, default=2)
+            f.add_argument("--top-k", type=positive_int, default=2)
             f.set_defaults(func=run_filter)
         else:
-            f.add_argument("--negatives", type=int, default=4)
-            f.add_argument("--candidates", type=int, default=20)
-            f.add_argument("--margin", type=float, default=0.95)
+            f.add_argument("--negatives", type=nonneg_int, default=4)
+            f.add_argument("--candidates", type=positive_int, default=20)
+            f.add_argument("--margin", type=positive_float, default=0.95)
             f.set_defaults(func=run_mine)
 
 
 def run_upcycle(args) -> int:
+    from moe2edge._io import input_dir, safe_output
     from moe2edge.teacher import load_embedder, minilm_path, upcycle
     from moe2edge.teacher.embedder import Embedder
 
-    base = load_embedder(minilm_path() if args.model == "minilm" else args.model)
+    src = minilm_path() if args.model == "minilm" else input_dir(args.model, "dense checkpoint folder")
+    safe_output(args.out, inputs=[src], force=args.force, kinds=("checkpoint",))
+    base = load_embedder(src)
     moe = upcycle(base.model, num_experts=args.experts, top_k=args.top_k, every_n_layers=args.every,
                   keep_biases=args.keep_biases, normalize=args.normalize, seed=args.seed)
-    Embedder(moe, base.tokenizer).save(args.out)
+    Embedder(moe, base.tokenizer).save(args.out, force=args.force)
     print(f"wrote {args.out}: {moe.num_parameters() / 1e6:.1f}M params, {moe.num_active_parameters() / 1e6:.1f}M active")
     return 0
 
@@ -73,12 +83,17 @@ def run_train(args) -> int:
 
     from moe2edge.compile.recipes import DEFAULT_CONFIG, load_config, train_from_config
 
+    from moe2edge._io import input_dir
+
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = load_config(args.config or DEFAULT_CONFIG)
     if args.steps is not None:
         cfg.setdefault("train", {})["steps"] = args.steps
-    emb, history, final = train_from_config(cfg, args.out, resume_from=args.resume)
+    if args.resume:
+        input_dir(args.resume, "--resume checkpoint folder")
+    # the recipe and the checkpoint folders it will write are checked before any data or model work
+    emb, history, final = train_from_config(cfg, args.out, resume_from=args.resume, force=args.force)
     from moe2edge.teacher.train import world
 
     if history and world()[0] == 0:
@@ -99,8 +114,11 @@ def _encoder(name: str):
 
 
 def _pairs(args):
+    from moe2edge._io import input_file, safe_output
     from moe2edge.data.readers import read_pairs
 
+    input_file(args.pairs, "--pairs JSONL")
+    safe_output(args.out, inputs=[args.pairs], folder=False)  # before the embedder runs
     pairs = read_pairs(args.pairs)
     return pairs[: args.limit] if args.limit else pairs
 

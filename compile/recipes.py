@@ -25,11 +25,30 @@ KNOWN_SECTIONS = {"init", "data", "train"}
 def load_config(path: str | Path) -> dict:
     from moe2edge._io import read_json_file
 
-    cfg = read_json_file(path, "config file")
+    cfg = read_json_file(path, "config file", expect=dict)
     unknown = set(cfg) - KNOWN_SECTIONS
     if unknown:
         raise ValueError(f"{path}: unknown sections {sorted(unknown)}; expected {sorted(KNOWN_SECTIONS)}")
     return cfg
+
+
+INIT_SECTION = {"checkpoint": str, "upcycle": dict | None, "prompts": str}
+UPCYCLE_KEYS = {"num_experts": int, "top_k": int, "every_n_layers": int, "keep_biases": bool, "normalize": bool,
+                "router_std": float, "seed": int}  # = teacher.upcycling.upcycle's keywords
+
+
+def validate_config(cfg: dict, where: str = "config"):
+    """Every section, key and value type of a training recipe, before any data or model work; returns the
+    TrainConfig."""
+    from moe2edge._config import DATA_SECTION, check_section, from_dict
+    from moe2edge.teacher.train import TrainConfig
+
+    init = check_section(cfg.get("init"), INIT_SECTION, where=f"{where} init")
+    check_section(init.get("upcycle"), UPCYCLE_KEYS, where=f"{where} init.upcycle")
+    if init.get("prompts", "keep") not in ("keep", "none", "nomic"):
+        raise ValueError(f"{where} init.prompts must be 'keep', 'none' or 'nomic', got {init['prompts']!r}")
+    check_section(cfg.get("data"), DATA_SECTION, where=f"{where} data")
+    return from_dict(TrainConfig, cfg.get("train", {}), where=f"{where} train")
 
 
 def build_model(init: dict):
@@ -57,6 +76,8 @@ def load_training_pairs(data: dict):
     path = data.get("pairs")
     if not path:
         raise ValueError("config data.pairs: no training pairs file given")
+    if Path(path).is_dir():
+        raise IsADirectoryError(21, "is a folder, expected the training pairs JSONL (config data.pairs)", str(path))
     if not Path(path).exists():
         raise FileNotFoundError(f"{path}: training pairs not found (build them with `moe2edge data build`)")
     pairs = read_pairs(path)
@@ -71,17 +92,38 @@ def load_training_pairs(data: dict):
     return pairs
 
 
-def train_from_config(cfg: dict, out_dir: str | Path, *, resume_from=None, progress: bool = True):
-    """Run one recipe; returns (embedder, history, final checkpoint path)."""
+def check_train_outputs(cfg: dict, out_dir: str | Path, *, resume_from=None, force: bool = False) -> None:
+    """The checkpoint folders this run will write (``OUT/checkpoint-N``, ``OUT/final``) may be replaced: each
+    absent, or a checkpoint this tool wrote holding nothing else (else ``force``), and none of them is or
+    holds an input (the start checkpoint, --resume, the pairs). Checked before the data or the model."""
+    from moe2edge._io import safe_output
+
+    out_dir = Path(out_dir)
+    tcfg = validate_config(cfg)
+    init_ckpt = (cfg.get("init") or {}).get("checkpoint")
+    inputs = [init_ckpt if init_ckpt and init_ckpt != "minilm" else None, resume_from,
+              (cfg.get("data") or {}).get("pairs")]
+    names = [f"checkpoint-{s}" for s in range(tcfg.save_every, tcfg.steps + 1, tcfg.save_every)] if tcfg.save_every \
+        else []
+    for name in [*names, "final"]:
+        if name != "final" and resume_from and (out_dir / name).resolve() == Path(resume_from).resolve():
+            continue  # the checkpoint resumed from: training continues after its step, it is not written again
+        safe_output(out_dir / name, inputs=inputs, force=force, kinds=("checkpoint",), flag=f"--out {out_dir}:")
+
+
+def train_from_config(cfg: dict, out_dir: str | Path, *, resume_from=None, progress: bool = True, force: bool = False):
+    """Run one recipe; returns (embedder, history, final checkpoint path). Checkpoint folders under ``out_dir``
+    never replace files this tool did not write (``check_train_outputs``; ``force`` allows it)."""
     from moe2edge._io import write_json
-    from moe2edge.teacher.train import Trainer, TrainConfig, init_distributed_from_env
+    from moe2edge.teacher.train import Trainer, init_distributed_from_env
 
     init_distributed_from_env()
-    tcfg = TrainConfig(**cfg.get("train", {}))  # validates the recipe before any data or model work
+    tcfg = validate_config(cfg)  # the recipe, before any data or model work
+    check_train_outputs(cfg, out_dir, resume_from=resume_from, force=force)
     pairs = load_training_pairs(cfg.get("data", {}))
     emb = build_model(cfg.get("init", {}))
     out_dir = Path(out_dir)
-    trainer = Trainer(emb, tcfg, out_dir=out_dir)
+    trainer = Trainer(emb, tcfg, out_dir=out_dir, force_output=force)
     history = trainer.fit(pairs, resume_from=resume_from, progress=progress)
     final = trainer.save_checkpoint(trainer._data, out_dir / "final")
     if trainer.rank == 0:

@@ -136,11 +136,20 @@ def read_list_bytes(path: Path) -> bytes:
     data = Path(path).read_bytes()
     name = str(path)
     if name.endswith(".gz"):
-        return gzip.decompress(data)
+        try:
+            return gzip.decompress(data)
+        except (EOFError, OSError, zlib.error) as e:  # truncated download, not a gzip file
+            raise ValueError(f"{path}: corrupt or truncated gzip file ({e}); fetch the lists again") from None
     if name.endswith(".xz"):
-        return lzma.decompress(data)
+        try:
+            return lzma.decompress(data)
+        except (EOFError, lzma.LZMAError) as e:
+            raise ValueError(f"{path}: corrupt or truncated xz file ({e}); fetch the lists again") from None
     if name.endswith(".bz2"):
-        return bz2.decompress(data)
+        try:
+            return bz2.decompress(data)
+        except (EOFError, OSError) as e:
+            raise ValueError(f"{path}: corrupt or truncated bz2 file ({e}); fetch the lists again") from None
     if name.endswith((".lz4", ".zst")):  # apt's own decompressor (no python lz4/zstd needed)
         return subprocess.run(["/usr/lib/apt/apt-helper", "cat-file", name], check=True, capture_output=True).stdout
     return data

@@ -20,8 +20,11 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from moe2edge.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +33,7 @@ _POS_KEYS = ("positive", "document", "pos")
 _NEG_KEYS = ("negatives", "negative", "neg")
 
 
-class MalformedInputError(ValueError):
+class MalformedInputError(UserError, ValueError):
     """A line of an input file cannot be read; the message says file, line and why."""
 
     def __init__(self, path: str | Path, line: int, reason: str):
@@ -62,10 +65,30 @@ class ReadStats:
             log.info("%s: read %d line(s)", self.path, self.read)
 
 
-def _open_text(path: Path):
-    if str(path).endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
+def _check_file(path: Path, what: str = "file") -> Path:
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(21, f"is a folder, expected a {what}", str(path))
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    return path
+
+
+def _lines(path: Path):
+    """Yield ``(line_number, text)``, decoding each line on its own so that a bad byte is reported at its
+    real line (a text-mode reader decodes in 8 KB chunks and fails one chunk early, e.g. "line 0").
+    Truncated or corrupt gzip is one error naming the line where reading stopped."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    n = 0
+    with opener(path, "rb") as f:
+        try:
+            for n, raw in enumerate(f, 1):
+                try:
+                    yield n, raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise MalformedInputError(path, n, f"not valid UTF-8 (byte {e.start} of the line)") from None
+        except (OSError, EOFError, zlib.error) as e:
+            raise MalformedInputError(path, n + 1, f"cannot read the file ({e}): truncated or corrupt?") from None
 
 
 def _find(folder: Path, stem: str) -> Path:
@@ -77,25 +100,19 @@ def _find(folder: Path, stem: str) -> Path:
 
 def iter_jsonl(path: str | Path, stats: ReadStats, *, strict: bool = True):
     """Yield ``(line_number, dict)`` for each non-blank line; bad JSON or non-objects are errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
-    with _open_text(path) as f:
+    path = _check_file(path, "JSONL file")
+    for n, line in _lines(path):
+        if not line.strip():
+            continue
         try:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    stats.skip(n, f"invalid JSON ({e.msg} at column {e.colno})", strict)
-                    continue
-                if not isinstance(obj, dict):
-                    stats.skip(n, f"expected a JSON object, got {type(obj).__name__}", strict)
-                    continue
-                yield n, obj
-        except (UnicodeDecodeError, OSError, EOFError) as e:
-            raise MalformedInputError(path, n if "n" in locals() else 0, f"cannot decode file: {e}") from e
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            stats.skip(n, f"invalid JSON ({e.msg} at column {e.colno})", strict)
+            continue
+        if not isinstance(obj, dict):
+            stats.skip(n, f"expected a JSON object, got {type(obj).__name__}", strict)
+            continue
+        yield n, obj
 
 
 def _text_field(obj: dict, key: str, n: int, stats: ReadStats, strict: bool, *, allow_empty=False):
@@ -180,31 +197,28 @@ def read_queries(path: str | Path, *, strict: bool = True) -> tuple[dict[str, st
 
 def read_qrels(path: str | Path, *, strict: bool = True) -> dict[str, dict[str, int]]:
     """TSV ``query-id corpus-id score`` (BEIR) or 4-column TREC ``qid 0 docid rel``; header optional."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path}")
+    path = _check_file(path, "qrels TSV file")
     stats = ReadStats(str(path))
     qrels: dict[str, dict[str, int]] = {}
-    with _open_text(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            parts = line.rstrip("\n").split("\t") if "\t" in line else line.split()
-            if n == 1 and parts[0].strip().lower() in ("query-id", "qid", "query_id"):
-                continue
-            if len(parts) == 4:  # TREC: qid iter docid rel
-                parts = [parts[0], parts[2], parts[3]]
-            if len(parts) != 3:
-                stats.skip(n, f"expected 3 tab-separated columns (query-id, corpus-id, score), got {len(parts)}", strict)
-                continue
-            qid, did, score = (p.strip() for p in parts)
-            try:
-                rel = int(float(score))
-            except ValueError:
-                stats.skip(n, f"score {score!r} is not a number", strict)
-                continue
-            qrels.setdefault(qid, {})[did] = rel
-            stats.read += 1
+    for n, line in _lines(path):
+        if not line.strip():
+            continue
+        parts = line.rstrip("\n").split("\t") if "\t" in line else line.split()
+        if n == 1 and parts[0].strip().lower() in ("query-id", "qid", "query_id"):
+            continue
+        if len(parts) == 4:  # TREC: qid iter docid rel
+            parts = [parts[0], parts[2], parts[3]]
+        if len(parts) != 3:
+            stats.skip(n, f"expected 3 tab-separated columns (query-id, corpus-id, score), got {len(parts)}", strict)
+            continue
+        qid, did, score = (p.strip() for p in parts)
+        try:
+            rel = int(float(score))
+        except (ValueError, OverflowError):  # "x", "nan", "inf"
+            stats.skip(n, f"score {score!r} is not a number", strict)
+            continue
+        qrels.setdefault(qid, {})[did] = rel
+        stats.read += 1
     stats.log()
     return qrels
 
@@ -212,6 +226,8 @@ def read_qrels(path: str | Path, *, strict: bool = True) -> dict[str, dict[str, 
 def load_beir(folder: str | Path, *, split: str = "test", strict: bool = True) -> RetrievalDataset:
     """Load a BEIR/MTEB folder (corpus, queries, ``qrels/<split>.tsv``); ``manifest.json`` if present."""
     folder = Path(folder)
+    if folder.is_file():
+        raise NotADirectoryError(20, "is a file, expected a BEIR dataset folder (corpus, queries, qrels/)", str(folder))
     if not folder.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {folder}")
     qrels_path = next((p for p in (folder / "qrels" / f"{split}.tsv", folder / "qrels" / f"{split}.tsv.gz")
@@ -221,7 +237,11 @@ def load_beir(folder: str | Path, *, split: str = "test", strict: bool = True) -
     corpus = read_corpus(_find(folder, "corpus"), strict=strict)
     queries, langs = read_queries(_find(folder, "queries"), strict=strict)
     qrels = read_qrels(qrels_path, strict=strict)
-    manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else None
+    manifest = None
+    if (folder / "manifest.json").is_file():
+        from moe2edge._io import read_json_file
+
+        manifest = read_json_file(folder / "manifest.json", "benchmark manifest", expect=dict)
     return RetrievalDataset(name=folder.name, corpus=corpus, queries=queries, qrels=qrels, languages=langs,
                             manifest=manifest)
 

@@ -12,31 +12,75 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import logging
-import os
-import tempfile
+import math
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 
+RESULT_SCHEMA = "moe2edge.eval/v1"  # = moe2edge.data.evaluate.SCHEMA (not imported: keep this module light)
+_METRICS = ("ndcg@10", "recall@100", "mrr@10")
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_run(r, where: str) -> None:
+    """One eval run: the fields the tables read exist and are finite numbers in range; ValueError naming the
+    file, the run and the key otherwise (a NaN would print as 'nan', a string as "Unknown format code 'f'")."""
+    if not isinstance(r, dict):
+        raise ValueError(f"{where}: a run must be a JSON object, got {type(r).__name__}")
+    if r.get("schema", RESULT_SCHEMA) != RESULT_SCHEMA:
+        raise ValueError(f"{where}: schema {r.get('schema')!r}, expected {RESULT_SCHEMA!r} (from `moe2edge eval --out`)")
+    model, metrics = r.get("model"), r.get("metrics")
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str) or not isinstance(metrics, dict):
+        raise ValueError(f"{where}: not a moe2edge eval result (expected 'model' with a 'name' and 'metrics')")
+    where = f"{where} ({model['name']})"
+    overall, per = metrics.get("overall"), metrics.get("per_language", {})
+    if not isinstance(overall, dict) or not isinstance(per, dict):
+        raise ValueError(f"{where}: metrics.overall and metrics.per_language must be objects")
+    for scope, block in [("overall", overall)] + [(f"per_language.{k}", v) for k, v in per.items()]:
+        if not isinstance(block, dict):
+            raise ValueError(f"{where}: metrics.{scope} must be an object")
+        for m in _METRICS if scope == "overall" else ("ndcg@10",):
+            v = block.get(m)
+            if not _is_num(v) or not 0.0 <= v <= 1.0:
+                raise ValueError(f"{where}: metrics.{scope}.{m} is {v!r}, expected a number in [0, 1]")
+    for tkey, row in (r.get("latency") or {}).items():
+        for bkey, cell in (row or {}).items() if isinstance(row, dict) else [(None, row)]:
+            for k in ("p50_ms", "p95_ms"):
+                v = cell.get(k) if isinstance(cell, dict) else cell
+                if v is not None and (not _is_num(v) or v < 0):
+                    raise ValueError(f"{where}: latency.{tkey}.{bkey}.{k} is {v!r}, expected a number >= 0")
+    for k in ("params", "size_bytes"):
+        v = model.get(k)
+        if v is not None and not _is_num(v):
+            raise ValueError(f"{where}: model.{k} is {v!r}, expected a number")
+
+
 def load_results(paths: list[str | Path]) -> list[dict]:
-    """Runs from result files (``{"runs": [...]}`` or a single run); later files win on equal names."""
+    """Runs from result files (``{"schema", "runs": [...]}`` or a single run); later files win on equal names.
+    Every run is checked (``check_run``) before anything is rendered."""
     runs: dict[str, dict] = {}
     for p in paths:
         p = Path(p)
-        if not p.is_file():
-            raise FileNotFoundError(f"no such results file: {p}")
-        try:
-            obj = json.loads(p.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
-        items = obj.get("runs", [obj]) if isinstance(obj, dict) else None
-        if not items or not all(isinstance(r, dict) and "model" in r and "metrics" in r for r in items):
+        from moe2edge._io import read_json_file
+
+        obj = read_json_file(p, "results file (`moe2edge eval --out`)")  # names the file / line of bad JSON
+        if isinstance(obj, dict) and "runs" in obj:
+            if obj.get("schema", RESULT_SCHEMA) != RESULT_SCHEMA:
+                raise ValueError(f"{p}: schema {obj.get('schema')!r}, expected {RESULT_SCHEMA!r} "
+                                 "(from `moe2edge eval --out`)")
+            items = obj["runs"]
+        else:
+            items = [obj]
+        if not isinstance(items, list) or not items:
             raise ValueError(f"{p}: not a moe2edge eval result (expected 'runs' with 'model' and 'metrics')")
-        for r in items:
-            runs[f"{r['model']['name']}@{r.get('dataset', {}).get('name', '')}"] = r
+        for i, r in enumerate(items):
+            check_run(r, f"{p}: run {i}")
+            runs[f"{r['model']['name']}@{(r.get('dataset') or {}).get('name', '')}"] = r
     return list(runs.values())
 
 
@@ -157,12 +201,9 @@ def scatter_png(runs: list[dict], *, metric: str = "ndcg@10") -> bytes | None:
 
 
 def _atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be read
-    os.replace(tmp, path)
+    from moe2edge._io import atomic_write_bytes
+
+    atomic_write_bytes(path, data)  # temp + rename, removed on error (a full disk leaves no .tmp file)
 
 
 def _notes(runs) -> list[str]:

@@ -11,8 +11,10 @@ import importlib
 import importlib.util
 from types import ModuleType
 
+from moe2edge.errors import UserError
 
-class MissingExtraError(ImportError):
+
+class MissingExtraError(UserError, ImportError):
     """An optional backend is not installed; the message names the extra that brings it."""
 
 

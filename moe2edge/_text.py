@@ -29,6 +29,36 @@ def check_encode_args(dim: int | None, full_dim: int, batch_size: int) -> int:
     return dim or full_dim
 
 
+# Verification texts must be real text (issue: 12 whitespace-only pairs "verified" an engine at nDCG 1.0):
+# enough pairs, no empty texts, documents of sentence length, few duplicates. Checked for every compile.
+MIN_VERIFY_PAIRS = 10
+MIN_TEXT_CHARS = 3  # non-space characters per query / document
+MIN_MEAN_DOC_CHARS = 20
+MAX_DUPLICATE_FRACTION = 0.2  # of queries, and of documents (after lower-casing and collapsing spaces)
+
+
+def check_text_pairs(pairs, *, where: str = "verification pairs") -> None:
+    """Refuse (ValueError) a verification set that cannot tell a good engine from a bad one; the message
+    states every threshold."""
+    rule = (f"verification needs >= {MIN_VERIFY_PAIRS} (query, document) pairs of real text: each text >= "
+            f"{MIN_TEXT_CHARS} non-space characters, documents >= {MIN_MEAN_DOC_CHARS} characters on average, "
+            f"<= {MAX_DUPLICATE_FRACTION:.0%} duplicate queries or documents")
+    n = len(pairs)
+    empty = [i for i, (q, d) in enumerate(pairs) if min(len("".join(q.split())), len("".join(d.split()))) < MIN_TEXT_CHARS]
+    if empty:
+        raise ValueError(f"{where}: {len(empty)} of {n} pairs have an empty or near-empty text (first: pair "
+                         f"{empty[0] + 1}); {rule}")
+    if n < MIN_VERIFY_PAIRS:
+        raise ValueError(f"{where}: {n} pairs; {rule}")
+    mean_doc = sum(len(d.strip()) for _, d in pairs) / n
+    if mean_doc < MIN_MEAN_DOC_CHARS:
+        raise ValueError(f"{where}: documents are {mean_doc:.1f} characters on average; {rule}")
+    for k, name in ((0, "queries"), (1, "documents")):
+        distinct = len({" ".join(p[k].lower().split()) for p in pairs})
+        if 1 - distinct / n > MAX_DUPLICATE_FRACTION:
+            raise ValueError(f"{where}: {n - distinct} of {n} {name} are duplicates; {rule}")
+
+
 # A token is rarely shorter than one character; cutting the raw text at this many characters per
 # allowed token before tokenising keeps a multi-megabyte input from costing seconds, and changes
 # nothing for the tokens that survive truncation.
@@ -51,11 +81,27 @@ class Tokenizer:
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.exists():
             raise FileNotFoundError(f"{file}: tokenizer.json not found")
-        self.dir = file.parent
-        self.tok = HFTokenizer.from_file(str(file))
+        if file.is_dir():
+            raise IsADirectoryError(21, "is a folder, expected tokenizer.json", str(file))
+        self.dir, self.file = file.parent, file
+        try:
+            self.tok = HFTokenizer.from_file(str(file))
+        except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for any bad file
+            msg = " ".join(str(e).split())[:200]
+            raise ValueError(f"{file}: not a valid tokenizer.json ({msg}); copy the tokenizer the model was "
+                             "trained with") from None
         self.max_length, self.pad_id = max_length, pad_id
         self.tok.enable_truncation(max_length=max_length)
         self.tok.enable_padding(pad_id=pad_id, pad_token=self.tok.id_to_token(pad_id) or "<pad>")
+
+    def check_fits(self, vocab_size: int) -> None:
+        """Every id this tokenizer can produce indexes the model's embedding table (else the model would
+        read past it: IndexError in PyTorch, Gather out of bounds in ONNX Runtime)."""
+        n = self.tok.get_vocab_size(with_added_tokens=True)
+        if n > vocab_size:
+            raise ValueError(f"{self.file}: the tokenizer has {n} tokens but the model's embedding table has "
+                             f"{vocab_size} rows (ids >= {vocab_size} would index past it); use the tokenizer the "
+                             "model was trained with")
 
     def __call__(self, texts: list[str]):
         """-> input_ids (B, S) int64, attention_mask (B, S) int64, number of truncated texts."""

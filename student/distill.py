@@ -202,33 +202,37 @@ def manifest(*, kind: str, teacher_path, recipe: dict, pairs: list | None, calib
     return m
 
 
-def save_student(student, path, *, manifest_dict: dict) -> Path:
-    """NomicMoE-family students: the released HF folder + manifest; static: its own small format."""
+def save_student(student, path, *, manifest_dict: dict, extra_files: dict | None = None, force: bool = False) -> Path:
+    """NomicMoE-family students: the released HF folder + manifest; static: its own small format. Either way
+    one atomic folder whose files are all listed with size + sha256 (``extra_files``, e.g. the fine-tune
+    history, land in the same rename). An existing ``path`` is replaced only if it is a student folder this
+    tool wrote, unless ``force``."""
     from moe2edge.student.static import StaticEmbedder, StaticModel
 
     if isinstance(student, StaticEmbedder):
-        return student.save(path, manifest=manifest_dict)
+        return student.save(path, manifest=manifest_dict, extra_files=extra_files, force=force)
     if isinstance(student.model, StaticModel):  # a fine-tuned table: back to the numpy embedder
         from moe2edge.student.static import StaticEmbedder as SE
 
         se = SE(student.model.embeddings.weight.detach().cpu().numpy(), Path(student.tokenizer.dir) / "tokenizer.json",
                 student.model.config)
-        return se.save(path, manifest=manifest_dict)
+        return se.save(path, manifest=manifest_dict, extra_files=extra_files, force=force)
     from moe2edge.teacher.checkpoint import save_pretrained
 
     return save_pretrained(student.model, path, tokenizer_dir=student.tokenizer.dir,
-                           extra_files={MANIFEST: manifest_dict})
+                           extra_files={MANIFEST: manifest_dict, **(extra_files or {})}, kind="student", force=force)
 
 
-def load_student(path):
+def load_student(path, *, check: bool | None = None):
     """Any student folder (or teacher folder): static -> StaticEmbedder, else the teacher's Embedder.
 
-    Both expose ``encode(texts, *, prompt=None, dim=None, batch_size=32) -> (N, dim) float32``.
+    Both expose ``encode(texts, *, prompt=None, dim=None, batch_size=32) -> (N, dim) float32``; their files
+    are checked against the folder's size / sha256 list first (``check=False`` skips that).
     """
     from moe2edge.student.static import is_static, load_static
 
     if is_static(path):
-        return load_static(path)
+        return load_static(path, check=check)
     from moe2edge.teacher import load_embedder
 
-    return load_embedder(path)
+    return load_embedder(path, check=check)

@@ -27,16 +27,25 @@ STUDENT_KEYS = {
     "dense": {"kind", "init", "score", "layers", "intermediate_size", "rescale", "refit"},
     "static": {"kind", "dim", "weighting", "sif_coefficient"},
 }
+# JSON types of the student keys (checked up front: a wrong type fails naming student.KEY).
+STUDENT_TYPES = {"kind": str, "num_experts": int, "top_k": int, "score": str, "merge": bool, "normalize": bool | None,
+                 "rescale": bool, "init": str, "layers": list[int] | None, "intermediate_size": int | None,
+                 "refit": bool, "dim": int | None, "weighting": str, "sif_coefficient": float}
+CALIBRATION_KEYS = {"texts": int, "max_tokens": int, "seed": int}
 
 
 def load_recipe(path: str | Path) -> dict:
     from moe2edge._io import read_json_file
 
-    return read_json_file(path, "student config")
+    return read_json_file(path, "student config", expect=dict)
 
 
 def validate_recipe(cfg: dict) -> dict:
-    """Check sections and student keys up front (before any model work); returns cfg."""
+    """Check sections, keys and value types up front (before any model work); returns cfg."""
+    from moe2edge._config import DATA_SECTION, check_section, from_dict
+
+    if not isinstance(cfg, dict):
+        raise ValueError(f"student config: expected a JSON object, got {type(cfg).__name__}")
     unknown = set(cfg) - SECTIONS
     if unknown:
         raise ValueError(f"unknown config sections {sorted(unknown)}; expected {sorted(SECTIONS)}")
@@ -48,12 +57,19 @@ def validate_recipe(cfg: dict) -> dict:
     if bad:
         raise ValueError(f"student keys {sorted(bad)} do not apply to kind {kind!r} "
                          f"(allowed: {', '.join(sorted(STUDENT_KEYS[kind]))})")
+    check_section(st, STUDENT_TYPES, where="config student")
+    check_section(cfg.get("calibration"), CALIBRATION_KEYS, where="config calibration")
+    check_section(cfg.get("data"), DATA_SECTION, where="config data")
     from moe2edge.student.distill import DistillLoss
     from moe2edge.teacher.train import TrainConfig
 
-    DistillLoss(**cfg.get("loss", {}))
-    if cfg.get("train", {}).get("steps", 1):
-        TrainConfig(**cfg.get("train", {}))
+    from_dict(DistillLoss, cfg.get("loss", {}), where="config loss")
+    train = cfg.get("train", {})
+    steps = train.get("steps", 1) if isinstance(train, dict) else 1
+    if isinstance(steps, int) and not isinstance(steps, bool) and steps < 0:
+        raise ValueError(f"config train.steps must be >= 0 (0: build the student without fine-tuning), got {steps}")
+    if steps:
+        from_dict(TrainConfig, train, where="config train")
     return cfg
 
 
@@ -116,8 +132,10 @@ def build_student(teacher, student_cfg: dict, *, calib=None, corpus: list[str] |
     return distill_static(teacher, corpus=corpus, **opts)
 
 
-def distill_from_config(cfg: dict, *, teacher_path: str | Path, out: str | Path, progress: bool = True):
-    """Run one recipe end to end; returns (student, manifest). ``out`` gets the student folder."""
+def distill_from_config(cfg: dict, *, teacher_path: str | Path, out: str | Path, progress: bool = True,
+                        force: bool = False):
+    """Run one recipe end to end; returns (student, manifest). ``out`` gets the student folder (an existing one
+    is replaced only if it is a student folder this tool wrote, unless ``force``)."""
     from moe2edge.compile.recipes import load_training_pairs
     from moe2edge.student.calibration import calibrate
     from moe2edge.student.distill import DistillLoss, distill, manifest, save_student
@@ -160,10 +178,8 @@ def distill_from_config(cfg: dict, *, teacher_path: str | Path, out: str | Path,
     m = manifest(kind=st["kind"], teacher_path=teacher_path, recipe=cfg, pairs=pairs or None,
                  calibration=calib.summary() if calib is not None else None, history=history,
                  student_model=model)
-    path = save_student(student, out, manifest_dict=m)
-    if history:
-        from moe2edge._io import write_json
-
-        write_json(Path(out) / "history.json", history)
+    # the history rides in the same atomic rename (and file list) as the student
+    path = save_student(student, out, manifest_dict=m, extra_files={"history.json": history} if history else None,
+                        force=force)
     log.info("student %s -> %s", st["kind"], path)
     return student, m

@@ -14,7 +14,8 @@ default, p ~ 1/rank), ``"sif"`` counts tokens on a real corpus (a / (a + p), Aro
 Trainer can fine-tune the table (tokenlearn-style distillation).
 
 Folder format: ``model.safetensors`` (one tensor ``embeddings`` (V, d) float32), ``tokenizer.json``,
-``config.json`` (``model_type: moe2edge_static``), ``student_manifest.json``.
+``config.json`` (``model_type: moe2edge_static``), ``student_manifest.json`` and ``moe2edge_files.json``
+(every file's size and sha256, compared at load: ``moe2edge._integrity``).
 
 Dimension legend: V vocabulary, d static dim, D teacher hidden size, B batch, S sequence.
 """
@@ -173,12 +174,15 @@ class StaticEmbedder:
     """numpy-only inference: tokenise, look up, mean, L2-normalise. ``encode`` = Embedder.encode."""
 
     def __init__(self, table: np.ndarray, tokenizer_file: str | Path, cfg: StaticConfig, *, name: str = "static"):
-        from tokenizers import Tokenizer as HFTokenizer
+        from moe2edge._text import Tokenizer as _Checked
 
         self.table = np.ascontiguousarray(table, dtype=np.float32)  # (V, d)
         self.config = cfg
+
         self.tokenizer_file = Path(tokenizer_file)
-        self.tok = HFTokenizer.from_file(str(tokenizer_file))
+        checked = _Checked(self.tokenizer_file, max_length=cfg.max_seq_length, pad_id=cfg.pad_token_id)  # names a bad file
+        checked.check_fits(cfg.vocab_size)  # ids past the table would be an IndexError in numpy
+        self.tok = checked.tok
         self.tok.no_padding()
         self.tok.enable_truncation(max_length=cfg.max_seq_length)
         self.fast = BertWordCache(self.tok, json.loads(self.tok.to_str()))
@@ -239,19 +243,27 @@ class StaticEmbedder:
         return out / np.maximum(norms, 1e-12)
 
     # -- I/O ---------------------------------------------------------------------------------
-    def save(self, path: str | Path, *, manifest: dict | None = None) -> Path:
+    def save(self, path: str | Path, *, manifest: dict | None = None, extra_files: dict | None = None,
+             force: bool = False) -> Path:
+        """Write the folder atomically, every file listed with size + sha256; an existing ``path`` is replaced
+        only if it is a student folder this tool wrote (else ``force``)."""
         from safetensors.numpy import save_file
 
+        from moe2edge._integrity import FILES_MANIFEST, write_files_manifest
         from moe2edge._io import atomic_dir
 
         path = Path(path)
-        with atomic_dir(path) as tmp:
+        with atomic_dir(path, kinds=("student",), force=force) as tmp:
             save_file({"embeddings": self.table}, str(tmp / "model.safetensors"), metadata={"format": "np"})
-            (tmp / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+            (tmp / "config.json").write_text(json.dumps({**self.config.to_dict(), "files": FILES_MANIFEST},
+                                                        indent=2) + "\n")
             shutil.copy2(self.tokenizer_file, tmp / "tokenizer.json")
             if manifest is not None or self.manifest:
                 (tmp / "student_manifest.json").write_text(
                     json.dumps(manifest or self.manifest, indent=2, ensure_ascii=False) + "\n")
+            for name, obj in (extra_files or {}).items():
+                (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+            write_files_manifest(tmp, kind="student")
         log.info("saved static student %s", path)
         return path
 
@@ -262,24 +274,63 @@ class StaticEmbedder:
 def is_static(path: str | Path) -> bool:
     f = Path(path) / "config.json"
     try:
-        return json.loads(f.read_text()).get("model_type") == MODEL_TYPE
-    except (FileNotFoundError, json.JSONDecodeError):
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # no folder, no file, not JSON: not a static student (the loader says why)
         return False
+    return isinstance(d, dict) and d.get("model_type") == MODEL_TYPE
 
 
-def load_static(path: str | Path) -> StaticEmbedder:
+_CONFIG_TYPES = {"vocab_size": int, "hidden_size": int, "pad_token_id": int, "max_seq_length": int,
+                 "matryoshka_dims": list, "prompts": dict}
+
+
+def load_static(path: str | Path, *, check: bool | None = None) -> StaticEmbedder:
+    """Load a static student folder; its files are compared with ``moe2edge_files.json`` first (``check`` as
+    in ``moe2edge.teacher.checkpoint.load_pretrained``)."""
+    from safetensors import SafetensorError
     from safetensors.numpy import load_file
 
+    from moe2edge._integrity import check_folder
+    from moe2edge._io import read_json_file
+    from moe2edge.teacher.checkpoint import CheckpointError
+
     path = Path(path)
-    cfg_d = json.loads((path / "config.json").read_text())
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: {'is a file, not' if path.exists() else 'no such'} student folder")
+    cfg_file = path / "config.json"
+    try:
+        cfg_d = read_json_file(cfg_file, "static student config", expect=dict)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(str(e)) from None
     if cfg_d.get("model_type") != MODEL_TYPE:
-        raise ValueError(f"{path}: model_type {cfg_d.get('model_type')!r} is not {MODEL_TYPE!r}")
-    cfg_d.pop("model_type")
-    cfg = StaticConfig(**cfg_d)
-    table = load_file(str(path / "model.safetensors"))["embeddings"]
+        raise CheckpointError(f"{cfg_file}: model_type {cfg_d.get('model_type')!r} is not {MODEL_TYPE!r}")
+    integrity = check_folder(path, check=check, required="files" in cfg_d)
+    cfg_d = {k: v for k, v in cfg_d.items() if k not in ("model_type", "files")}
+    unknown = sorted(set(cfg_d) - set(_CONFIG_TYPES))
+    if unknown:
+        raise CheckpointError(f"{cfg_file}: unknown keys {unknown}; expected {sorted(_CONFIG_TYPES)}")
+    for k, typ in _CONFIG_TYPES.items():
+        if k in cfg_d and (not isinstance(cfg_d[k], typ) or isinstance(cfg_d[k], bool)):
+            raise CheckpointError(f"{cfg_file}: key {k!r} must be {typ.__name__}, got {type(cfg_d[k]).__name__}")
+    try:
+        cfg = StaticConfig(**cfg_d)
+    except TypeError as e:  # a required key missing
+        raise CheckpointError(f"{cfg_file}: {e}") from None
+    try:
+        table = load_file(str(path / "model.safetensors"))["embeddings"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{path / 'model.safetensors'}: missing") from None
+    except KeyError:
+        raise CheckpointError(f"{path / 'model.safetensors'}: no tensor 'embeddings'") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path / 'model.safetensors'}: corrupt or truncated safetensors file ({e})") from None
     if table.shape != (cfg.vocab_size, cfg.hidden_size):
-        raise ValueError(f"{path}: table {table.shape} does not match config ({cfg.vocab_size}, {cfg.hidden_size})")
+        raise CheckpointError(f"{path}: table {table.shape} does not match config ({cfg.vocab_size}, {cfg.hidden_size})")
+    if not np.isfinite(table).all():
+        raise CheckpointError(f"{path / 'model.safetensors'}: the table has non-finite (NaN or inf) values in "
+                              f"{int((~np.isfinite(table)).any(1).sum())} rows")
     emb = StaticEmbedder(table, path / "tokenizer.json", cfg, name=path.name)
+    emb.integrity = integrity
     mf = path / "student_manifest.json"
     emb.manifest = json.loads(mf.read_text()) if mf.exists() else {}
     emb.artifact_bytes = (path / "model.safetensors").stat().st_size

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
+from moe2edge.errors import UserError
+
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "int8")
@@ -26,8 +28,8 @@ ORT_QUANT_MODES = ("static", "dynamic")
 OV_PRECISION_HINTS = ("f32", "bf16")
 
 
-class TargetError(Exception):
-    """Base of every compile-target error (each message names what to fix)."""
+class TargetError(UserError):
+    """Base of every compile-target error (each message names what to fix); a user error for the CLI."""
 
 
 class UnknownTargetError(TargetError, KeyError):

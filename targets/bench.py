@@ -14,9 +14,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from moe2edge.errors import UserError
+
 log = logging.getLogger(__name__)
 
 SCHEMA = "moe2edge.bench/v1"
+
+
+class BenchError(UserError):
+    """A model could not be measured because of its input (the child process said why, in one line)."""
 
 
 def peak_rss_mb() -> float:
@@ -56,12 +62,14 @@ def bench_one(kind: str, path: str | Path, *, threads=(1, 2), batch_sizes=(1, 32
         from moe2edge.teacher import load_embedder
 
         model = load_embedder(path)
-        info = {"target": "pytorch", "precision": "fp32", "runtime": "torch"}
+        info = {"target": "pytorch", "precision": "fp32", "runtime": "torch",
+                "integrity": getattr(model, "integrity", None)}
     else:
         from moe2edge.targets.runtime import load_engine
 
         model = load_engine(path, threads=threads[0])
         info = {k: model.spec.get(k) for k in ("target", "precision", "runtime", "ov_precision_hint")}
+        info["integrity"] = model.integrity  # the compile-time parity below is only meaningful for verified files
         man = path / "manifest.json"
         if man.exists():
             m = json.loads(man.read_text())
@@ -92,7 +100,11 @@ def bench(engines: list[str | Path], *, pytorch: str | Path | None = None, threa
             cmd += ["--repeats", json.dumps(repeats)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"benchmark of {path} failed:\n{proc.stderr[-2000:]}")
+            log.debug("benchmark subprocess for %s (exit %d):\n%s", path, proc.returncode, proc.stderr[-4000:])
+            last = next((ln for ln in reversed(proc.stderr.splitlines()) if ln.strip()), "(no output)")
+            if proc.returncode == 2:  # the child's one-line user error
+                raise BenchError(f"{path}: {last.removeprefix('error: ')}")
+            raise RuntimeError(f"benchmark subprocess for {path} crashed (exit {proc.returncode}): {last}")
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         log.info("measured %s", path)
     return {"schema": SCHEMA, "seq_len": seq_len, "threads": list(threads), "results": results}
@@ -127,7 +139,15 @@ def _main(argv=None) -> int:
     p.add_argument("--repeats", default=None)
     a = p.parse_args(argv)
     reps = {int(k): v for k, v in json.loads(a.repeats).items()} if a.repeats else None
-    res = bench_one(a.one[0], a.one[1], threads=tuple(a.threads), seq_len=a.seq_len, repeats=reps)
+    try:
+        res = bench_one(a.one[0], a.one[1], threads=tuple(a.threads), seq_len=a.seq_len, repeats=reps)
+    except Exception as e:  # noqa: BLE001 - the parent turns our last stderr line into its message
+        from moe2edge.errors import is_user_error, one_line
+
+        if not is_user_error(e):
+            raise  # a bug: the traceback goes to the parent's debug log
+        print(f"error: {one_line(str(e))}", file=sys.stderr)
+        return 2
     print(json.dumps(res))
     return 0
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from moe2edge._io import atomic_dir, sha256_file, texts_sha256
+from moe2edge._text import check_text_pairs
 from moe2edge.targets.base import (
     Artifact, CalibrationError, CompileConfig, Sample, TargetError, TargetUnavailableError, VerificationError, get,
 )
@@ -71,7 +72,11 @@ def read_texts(path: str | Path) -> list[str]:
             raise CalibrationError(f"{path}:{i}: not valid JSON ({e.msg})") from None
         if not isinstance(obj, dict):
             raise CalibrationError(f"{path}:{i}: expected a JSON object per line")
-        found = [obj[k] for k in ("text", "query", "document", "positive", "anchor") if isinstance(obj.get(k), str)]
+        keys = [k for k in ("text", "query", "document", "positive", "anchor") if k in obj]
+        bad = [k for k in keys if not isinstance(obj[k], str)]
+        if bad:
+            raise CalibrationError(f"{path}:{i}: field {bad[0]!r} must be a string, got {type(obj[bad[0]]).__name__}")
+        found = [obj[k] for k in keys]
         if not found:
             raise CalibrationError(f"{path}:{i}: no text field (text / query / document / positive / anchor)")
         out.extend(t for t in found if t.strip())
@@ -130,7 +135,7 @@ def verify_engine(engine_dir: Path, model, tok: Tokenizer, pairs: list[tuple[str
     def torch_run(ids, mask):
         return reference_embeddings(model, [(ids, mask)], dim=None if dim == full else dim)
 
-    engine = load_engine(engine_dir, threads=1)
+    engine = load_engine(engine_dir, threads=1, check=False)  # the manifest (file hashes) is written after this
     t0 = time.perf_counter()
     with torch.no_grad():
         ref_q = encode_batches(torch_run, tok, queries, prefix=qp, dim=dim, full_dim=dim, batch_size=32)
@@ -199,12 +204,14 @@ def compile_engine(
     source_hash: str,
     name: str | None = None,
     overwrite: bool = True,
+    force: bool = False,
 ) -> dict:
     """Build, verify and write an engine folder for ``cfg.target``; returns the manifest.
 
     model: a ``NomicMoE``-family module (eval, fp32) or a static student's ``StaticModel`` (onnx / openvino;
     its INT8 is the weight-only int8 table, no calibration); tokenizer_file: its tokenizer.json;
-    verify_pairs: (query, document) real-text pairs; calibration_texts: required for INT8.
+    verify_pairs: (query, document) real-text pairs; calibration_texts: required for INT8; force: replace
+    an existing ``out_dir`` that is not an engine folder this tool wrote (``moe2edge._io.safe_output``).
     """
     t_start = time.perf_counter()
     target = get(cfg.target)
@@ -221,8 +228,7 @@ def compile_engine(
                                      f"pip install 'moe2edge[{target.runtime_extra}]'")
     if hasattr(target, "require"):
         target.require()
-    if len(verify_pairs) < 10:
-        raise ValueError(f"verification needs >= 10 real (query, document) pairs, got {len(verify_pairs)}")
+    check_text_pairs(verify_pairs)
     tok = Tokenizer(tokenizer_file, max_length=mcfg.max_seq_length, pad_id=mcfg.pad_token_id)
     model = model.eval()
 
@@ -245,7 +251,7 @@ def compile_engine(
     sample_ids, sample_mask, _ = tok(["a sample sentence for tracing the graph", "two"])
     sample = Sample(sample_ids, sample_mask)
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp, tempfile.TemporaryDirectory(prefix="moe2edge-build-") as work:
+    with atomic_dir(out_dir, overwrite=overwrite, kinds=("engine",), force=force) as tmp, tempfile.TemporaryDirectory(prefix="moe2edge-build-") as work:
         work = Path(work)
         if static and cfg.precision == "int8":
             from moe2edge.student.static import StaticInt8Model
@@ -264,6 +270,7 @@ def compile_engine(
             "runtime": target.runtime, "model_file": files.pop("model_file"), "input_names": ["input_ids", "attention_mask"], "output_name": "sentence_embedding",
             "dim": dim, "hidden_size": mcfg.hidden_size, "max_seq_length": mcfg.max_seq_length,
             "pad_token_id": mcfg.pad_token_id, "prompts": dict(mcfg.prompts), "tokenizer": "tokenizer.json",
+            "vocab_size": mcfg.vocab_size,
         }
         spec.update(files)
         if name:  # not the folder name by default: the same inputs must give the same files wherever written
@@ -274,6 +281,7 @@ def compile_engine(
         measured = verify_engine(tmp, model, tok, verify_pairs, prompts=dict(mcfg.prompts), dim=dim, cfg=cfg)
         file_hashes = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*"))
                        if p.is_file() and p.name != "manifest.json"}
+        file_bytes = {rel: (tmp / rel).stat().st_size for rel in file_hashes}  # checked at load (moe2edge._integrity)
         identity = {
             "source": {"checkpoint_sha256": source_hash,
                        "model_type": "static" if static else "moe" if mcfg.moe_layers else "dense",
@@ -282,7 +290,7 @@ def compile_engine(
                        "top_k": getattr(mcfg, "moe_top_k", 0)},
             "target": cfg.target, "precision": cfg.precision, "dim": dim, "config": cfg.to_dict(),
             "artifact": art.info, "calibration": calib_info, "verification_data": vdata,
-            "versions": versions(), "files": file_hashes,
+            "versions": versions(), "files": file_hashes, "file_bytes": file_bytes,
         }
         manifest = {
             "schema": MANIFEST_SCHEMA, "identity": identity, "identity_sha256": _hash(identity),

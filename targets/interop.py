@@ -45,15 +45,20 @@ class TokenEmbeddings(nn.Module):
         return self.inner(input_ids, attention_mask).last_hidden_state
 
 
-def write_st_folder(model: nn.Module, checkpoint_dir: str | Path, out_dir: str | Path, sample) -> Path:
-    """Write ``out_dir`` (atomically) with onnx/model.onnx, openvino/openvino_model.xml and the ST side files."""
+def write_st_folder(model: nn.Module, checkpoint_dir: str | Path, out_dir: str | Path, sample, *,
+                    force: bool = False) -> Path:
+    """Write ``out_dir`` (atomically) with onnx/model.onnx, openvino/openvino_model.xml and the ST side files,
+    all listed with size + sha256 in moe2edge_files.json; an existing ``out_dir`` is replaced only if it is
+    such a folder written by this tool (else ``force``)."""
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir)
     if not (checkpoint_dir / "modules.json").exists():
         raise FileNotFoundError(f"{checkpoint_dir}: no modules.json (a sentence-transformers layout is needed)")
     ids = torch.as_tensor(sample.input_ids)
     mask = torch.as_tensor(sample.attention_mask)
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    with atomic_dir(out_dir) as tmp:
+    from moe2edge._integrity import write_files_manifest
+
+    with atomic_dir(out_dir, kinds=("sentence-transformers",), force=force) as tmp:
         for name in SIDE_FILES:
             src = checkpoint_dir / name
             if src.is_dir():
@@ -76,4 +81,5 @@ def write_st_folder(model: nn.Module, checkpoint_dir: str | Path, out_dir: str |
             ov.save_model(ov.convert_model(str(tmp / "onnx" / "model.onnx")), str(tmp / "openvino" /
                                                                                    "openvino_model.xml"),
                           compress_to_fp16=False)
+        write_files_manifest(tmp, kind="sentence-transformers")
     return out_dir

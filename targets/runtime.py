@@ -15,13 +15,13 @@ Dimension legend: B batch, S sequence, D output dim.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 
 from moe2edge._text import Tokenizer, check_encode_args, check_texts  # noqa: F401 (Tokenizer: re-exported)
+from moe2edge.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ ENGINE_FILE = "engine.json"
 # raw text at 32 characters per allowed token changes nothing that survives truncation.
 
 
-class EngineFolderError(ValueError):
+class EngineFolderError(UserError, ValueError):
     """An engine folder is missing files or was written by an incompatible version."""
 
 
@@ -51,7 +51,12 @@ class OrtEngine:
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.log_severity_level = 3
         self.path, self.threads, self.output_name = Path(path), threads, output_name
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - ORT raises its own classes (InvalidProtobuf, Fail, ...) for bad files
+            raise EngineFolderError(f"{path}: ONNX Runtime cannot load this model ({type(e).__name__}: "
+                                    f"{' '.join(str(e).split())[:200]}); the file is corrupt or truncated, rebuild the "
+                                    "engine with `moe2edge compile`") from None
         self.input_names = [i.name for i in self.session.get_inputs()]
 
     def run(self, input_ids, attention_mask) -> np.ndarray:
@@ -74,7 +79,11 @@ class OpenVinoEngine:
         self.path, self.threads, self.precision_hint = Path(path), threads, precision_hint
         cfg = {"INFERENCE_PRECISION_HINT": precision_hint, "INFERENCE_NUM_THREADS": threads,
                "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
-        self.compiled = core.compile_model(core.read_model(str(path)), "CPU", cfg)
+        try:
+            self.compiled = core.compile_model(core.read_model(str(path)), "CPU", cfg)
+        except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError for any unreadable model
+            raise EngineFolderError(f"{path}: OpenVINO cannot load this model ({' '.join(str(e).split())[:200]}); the "
+                                    "file is corrupt or truncated, rebuild the engine with `moe2edge compile`") from None
         self.request = self.compiled.create_infer_request()
         self.output_name = output_name
         self.input_names = [i.get_any_name() for i in self.compiled.inputs]
@@ -130,27 +139,74 @@ def open_runtime(runtime: str, path: str | Path, *, threads: int = 1, **kw):
 
 # ------------------------------------------------------------------------------------ embedder
 
+# engine.json: key -> (type, required); checked so that a hand-edited file fails naming the key, not deep
+# inside numpy or a runtime.
+_SPEC_KEYS = {"format": (str, True), "model_file": (str, True), "runtime": (str, True), "dim": (int, True),
+              "max_seq_length": (int, True), "pad_token_id": (int, True), "prompts": (dict, False),
+              "tokenizer": (str, False), "output_name": (str, False), "ov_precision_hint": (str, False),
+              "plan_file": (str, False), "name": (str, False), "vocab_size": (int, False)}
+
+
+def _read_spec(spec_file: Path) -> dict:
+    from moe2edge._io import read_json_file
+
+    try:
+        spec = read_json_file(spec_file, "engine spec", expect=dict)
+    except (OSError, ValueError) as e:  # names the file and the line
+        raise EngineFolderError(str(e)) from None
+    if spec.get("format") != ENGINE_FORMAT:
+        raise EngineFolderError(f"{spec_file}: format {spec.get('format')!r}, expected {ENGINE_FORMAT!r}")
+    for key, (typ, required) in _SPEC_KEYS.items():
+        if key not in spec or (spec[key] is None and not required):
+            if required:
+                raise EngineFolderError(f"{spec_file}: missing key {key!r}")
+            continue
+        v = spec[key]
+        if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
+            raise EngineFolderError(f"{spec_file}: key {key!r} must be {typ.__name__}, got {type(v).__name__} ({v!r})")
+    for key, lo in (("dim", 1), ("max_seq_length", 1), ("pad_token_id", 0), ("vocab_size", 1)):
+        if key in spec and spec[key] is not None and spec[key] < lo:
+            raise EngineFolderError(f"{spec_file}: key {key!r} must be >= {lo}, got {spec[key]}")
+    rel = Path(spec["model_file"])
+    if rel.is_absolute() or ".." in rel.parts:
+        raise EngineFolderError(f"{spec_file}: model_file {spec['model_file']!r} must be a path inside the folder")
+    if spec["runtime"] not in RUNTIMES:
+        raise EngineFolderError(f"{spec_file}: unknown runtime {spec['runtime']!r}; known: {', '.join(RUNTIMES)}")
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in (spec.get("prompts") or {}).items()):
+        raise EngineFolderError(f"{spec_file}: key 'prompts' must map names to prefix strings")
+    return spec
+
+
 
 class EngineEmbedder:
     """Tokenizer + engine + prompts: the ``encode`` API of the teacher, for a compiled engine."""
 
-    def __init__(self, folder: str | Path, *, threads: int = 1):
+    def __init__(self, folder: str | Path, *, threads: int = 1, check: bool | None = None):
+        from moe2edge._integrity import check_folder
+
         self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise EngineFolderError(f"{self.folder}: {'is a file, not' if self.folder.exists() else 'no such'} engine "
+                                    "folder; build one with `moe2edge compile`")
         spec_file = self.folder / ENGINE_FILE
         if not spec_file.exists():
             raise EngineFolderError(f"{self.folder}: not an engine folder (no {ENGINE_FILE}); build one with "
                                     "`moe2edge compile`")
-        self.spec = json.loads(spec_file.read_text(encoding="utf-8"))
-        if self.spec.get("format") != ENGINE_FORMAT:
-            raise EngineFolderError(f"{spec_file}: format {self.spec.get('format')!r}, expected {ENGINE_FORMAT!r}")
-        model_file = self.folder / self.spec["model_file"]
-        if not model_file.exists():
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+        # Sizes + sha256 of every file against manifest.json, before any of them is parsed or run.
+        self.integrity = check_folder(self.folder, check=check, required=True)
+        self.spec = spec = _read_spec(spec_file)
+        model_file = self.folder / spec["model_file"]
+        if not model_file.is_file():
             raise EngineFolderError(f"{model_file}: model file named in {ENGINE_FILE} is missing")
-        self.name = self.spec.get("name") or self.folder.name
-        self.dim = int(self.spec["dim"])
-        self.prompts = dict(self.spec.get("prompts") or {})
-        self.tokenizer = Tokenizer(self.folder / self.spec.get("tokenizer", "tokenizer.json"),
-                                   max_length=int(self.spec["max_seq_length"]), pad_id=int(self.spec["pad_token_id"]))
+        self.name = spec.get("name") or self.folder.name
+        self.dim = spec["dim"]
+        self.prompts = dict(spec.get("prompts") or {})
+        self.tokenizer = Tokenizer(self.folder / spec.get("tokenizer", "tokenizer.json"),
+                                   max_length=spec["max_seq_length"], pad_id=spec["pad_token_id"])
+        if spec.get("vocab_size") is not None:
+            self.tokenizer.check_fits(spec["vocab_size"])
         self._threads = threads
         self.engine = self._open(threads)
         self.artifact_bytes = sum(p.stat().st_size for p in self.folder.rglob("*") if p.is_file())
@@ -220,6 +276,8 @@ def encode_batches(run, tokenizer: Tokenizer, texts: list[str], *, prefix: str, 
     return result
 
 
-def load_engine(folder: str | Path, *, threads: int = 1) -> EngineEmbedder:
-    """Open a compiled engine folder (``moe2edge compile --out DIR``)."""
-    return EngineEmbedder(folder, threads=threads)
+def load_engine(folder: str | Path, *, threads: int = 1, check: bool | None = None) -> EngineEmbedder:
+    """Open a compiled engine folder (``moe2edge compile --out DIR``). Its files are compared with the sizes and
+    sha256 in ``manifest.json`` first (``IntegrityError`` on a mismatch); ``check=False`` skips that (default:
+    on unless ``MOE2EDGE_SKIP_INTEGRITY_CHECK`` is set, see ``moe2edge._integrity``)."""
+    return EngineEmbedder(folder, threads=threads, check=check)

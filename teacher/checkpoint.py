@@ -7,6 +7,11 @@ sentence-transformers side files (``modules.json``, ``1_Pooling/config.json``,
 tokenizer files. HF BERT checkpoints (``model_type: bert``, e.g. all-MiniLM-L6-v2) load as a dense
 model of the same family (learned positions). Every mismatch raises :class:`CheckpointError` naming
 the file, key or tensor.
+
+A folder written here also lists its files with size and sha256 (``moe2edge_files.json``, named in
+``config.json``'s ``moe2edge.files``); ``load_pretrained`` compares them before reading anything and
+refuses a mismatch (``moe2edge._integrity``). A folder without that list (a released checkpoint)
+loads as before. Non-finite weights are refused at load, naming the tensors.
 """
 
 from __future__ import annotations
@@ -18,7 +23,9 @@ from pathlib import Path
 
 import torch
 
+from moe2edge._integrity import FILES_MANIFEST, check_folder, write_files_manifest
 from moe2edge._io import atomic_dir, sha256_file
+from moe2edge.errors import UserError
 from moe2edge.teacher.model import NOMIC_PROMPTS, NomicMoE, TeacherConfig
 
 log = logging.getLogger(__name__)
@@ -34,7 +41,7 @@ NOMIC_AUTO_MAP = {
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint folder is missing, corrupt or does not match its config."""
 
 
@@ -81,6 +88,7 @@ def config_to_hf(cfg: TeacherConfig) -> dict:
             "format_version": FORMAT_VERSION,
             "matryoshka_dims": list(cfg.matryoshka_dims),
             "moe_expert_fc1_bias": cfg.moe_expert_fc1_bias,
+            "files": FILES_MANIFEST,  # this folder lists its files' sizes and sha256 there (checked at load)
         },
     }
     return d
@@ -99,6 +107,24 @@ def _require_key(d: dict, key: str, where: str):
     return d[key]
 
 
+def _typed(d: dict, key: str, typ, where: str, default=None, *, required: bool = False):
+    """``d[key]`` as ``typ`` (int / float / bool), or a CheckpointError naming the key and the value."""
+    if key not in d or d[key] is None:
+        if required:
+            raise CheckpointError(f"{where}: missing required key {key!r}")
+        return default
+    v = d[key]
+    ok = (isinstance(v, bool) if typ is bool else
+          isinstance(v, int) and not isinstance(v, bool) if typ is int else
+          isinstance(v, (int, float)) and not isinstance(v, bool))
+    if typ is int and isinstance(v, float) and v.is_integer():
+        ok, v = True, int(v)
+    if not ok:
+        raise CheckpointError(f"{where}: key {key!r} must be {'a number' if typ is float else typ.__name__}, got "
+                              f"{type(v).__name__} {v!r}")
+    return typ(v)
+
+
 def config_from_hf(d: dict, *, where: str = "config.json", max_seq_length: int = 512, prompts=None) -> TeacherConfig:
     """Build a TeacherConfig from a nomic_bert config.json dict (released keys)."""
     if d.get("model_type") != "nomic_bert":
@@ -110,30 +136,37 @@ def config_from_hf(d: dict, *, where: str = "config.json", max_seq_length: int =
     if act != "gelu":
         raise CheckpointError(f"{where}: activation_function={act!r} is not supported (exact 'gelu' only)")
     frac = d.get("rotary_emb_fraction", 0.0)
-    if frac not in (0.0, 1.0):
+    if isinstance(frac, bool) or frac not in (0.0, 1.0):
         raise CheckpointError(f"{where}: rotary_emb_fraction={frac!r} is not supported (1.0 rotary or 0.0 learned)")
-    hidden = int(_require_key(d, "n_embd", where))
+    hidden = _typed(d, "n_embd", int, where, required=True)
     ours = d.get("moe2edge", {})
+    if not isinstance(ours, dict):
+        raise CheckpointError(f"{where}: key 'moe2edge' must be an object, got {type(ours).__name__}")
     dims = ours.get("matryoshka_dims") or ([hidden, 256] if hidden > 256 else [hidden])
+    if not isinstance(dims, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in dims):
+        raise CheckpointError(f"{where}: key 'moe2edge.matryoshka_dims' must be a list of positive integers, got {dims!r}")
+    for key in ("n_embd", "vocab_size", "n_layer", "n_head"):
+        if _typed(d, key, int, where, required=True) < 1:
+            raise CheckpointError(f"{where}: key {key!r} must be >= 1, got {d[key]}")
     try:
         return TeacherConfig(
-            vocab_size=int(_require_key(d, "vocab_size", where)),
+            vocab_size=_typed(d, "vocab_size", int, where, required=True),
             hidden_size=hidden,
-            num_layers=int(_require_key(d, "n_layer", where)),
-            num_heads=int(_require_key(d, "n_head", where)),
-            intermediate_size=int(d.get("n_inner") or 4 * hidden),
-            type_vocab_size=int(d.get("type_vocab_size", 1)),
-            layer_norm_eps=float(d.get("layer_norm_epsilon", 1e-5)),
+            num_layers=_typed(d, "n_layer", int, where, required=True),
+            num_heads=_typed(d, "n_head", int, where, required=True),
+            intermediate_size=_typed(d, "n_inner", int, where) or 4 * hidden,
+            type_vocab_size=_typed(d, "type_vocab_size", int, where, 1),
+            layer_norm_eps=_typed(d, "layer_norm_epsilon", float, where, 1e-5),
             position_embedding="rotary" if frac == 1.0 else "learned",
-            max_position_embeddings=0 if frac == 1.0 else int(_require_key(d, "n_positions", where)),
-            rotary_base=float(d.get("rotary_emb_base", 10000.0)),
-            moe_every_n_layers=int(d.get("moe_every_n_layers", 0)),
-            num_experts=int(d.get("num_experts", 0)),
-            moe_top_k=int(d.get("moe_top_k", 1)),
-            moe_normalize_expert_weights=bool(d.get("moe_normalize_expert_weights", False)),
-            router_aux_loss_coef=float(d.get("router_aux_loss_coef", 0.1)),
-            moe_expert_fc1_bias=bool(ours.get("moe_expert_fc1_bias", False)),
-            pad_token_id=int(d.get("pad_token_id", 1)),
+            max_position_embeddings=0 if frac == 1.0 else _typed(d, "n_positions", int, where, required=True),
+            rotary_base=_typed(d, "rotary_emb_base", float, where, 10000.0),
+            moe_every_n_layers=_typed(d, "moe_every_n_layers", int, where, 0),
+            num_experts=_typed(d, "num_experts", int, where, 0),
+            moe_top_k=_typed(d, "moe_top_k", int, where, 1),
+            moe_normalize_expert_weights=_typed(d, "moe_normalize_expert_weights", bool, where, False),
+            router_aux_loss_coef=_typed(d, "router_aux_loss_coef", float, where, 0.1),
+            moe_expert_fc1_bias=_typed(ours, "moe_expert_fc1_bias", bool, where + " moe2edge", False),
+            pad_token_id=_typed(d, "pad_token_id", int, where, 1),
             max_seq_length=max_seq_length,
             matryoshka_dims=tuple(dims),
             prompts=dict(NOMIC_PROMPTS) if prompts is None else dict(prompts),
@@ -148,8 +181,8 @@ def _read_json(path: Path) -> dict:
     from moe2edge._io import read_json_file
 
     try:
-        return read_json_file(path)
-    except (FileNotFoundError, ValueError) as e:  # the same message, as a checkpoint error
+        return read_json_file(path, "checkpoint file", expect=dict)
+    except (OSError, ValueError) as e:  # the same message, as a checkpoint error
         raise CheckpointError(str(e)) from None
 
 
@@ -158,10 +191,14 @@ def _st_side_info(path: Path, default_prompts):
     max_len, prompts = 512, default_prompts
     sb = path / "sentence_bert_config.json"
     if sb.exists():
-        max_len = int(_read_json(sb).get("max_seq_length", max_len))
+        max_len = _typed(_read_json(sb), "max_seq_length", int, str(sb), max_len)
+        if max_len < 1:
+            raise CheckpointError(f"{sb}: key 'max_seq_length' must be >= 1, got {max_len}")
     cst = path / "config_sentence_transformers.json"
     if cst.exists():
         prompts = _read_json(cst).get("prompts", {}) or {}
+        if not isinstance(prompts, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in prompts.items()):
+            raise CheckpointError(f"{cst}: key 'prompts' must map prompt names to prefix strings")
     return max_len, prompts
 
 
@@ -214,6 +251,11 @@ def load_state_into(model: NomicMoE, state: dict[str, torch.Tensor], *, where: s
     bad = [k for k, v in state.items() if not v.is_floating_point()]
     if bad:
         raise CheckpointError(f"{where}: non-float tensors: {', '.join(bad[:5])}")
+    # A NaN / inf weight makes every embedding NaN (an all-NaN .npy, rc 0, before this check).
+    nonfinite = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+    if nonfinite:
+        raise CheckpointError(f"{where}: non-finite (NaN or inf) weights in {len(nonfinite)} tensor(s): "
+                              f"{', '.join(nonfinite[:5])}; the checkpoint is corrupt or training diverged")
     model.load_state_dict({k: _aligned_fp32(v) for k, v in state.items()}, strict=True, assign=True)
     return model
 
@@ -263,31 +305,42 @@ def bert_config(d: dict, *, where: str, max_seq_length: int, prompts) -> Teacher
         raise CheckpointError(f"{where}: position_embedding_type={d['position_embedding_type']!r} is not supported")
     if d.get("hidden_act", "gelu") != "gelu":
         raise CheckpointError(f"{where}: hidden_act={d['hidden_act']!r} is not supported (exact 'gelu' only)")
-    return TeacherConfig(
-        vocab_size=int(_require_key(d, "vocab_size", where)),
-        hidden_size=int(_require_key(d, "hidden_size", where)),
-        num_layers=int(_require_key(d, "num_hidden_layers", where)),
-        num_heads=int(_require_key(d, "num_attention_heads", where)),
-        intermediate_size=int(_require_key(d, "intermediate_size", where)),
-        type_vocab_size=int(d.get("type_vocab_size", 2)),
-        layer_norm_eps=float(d.get("layer_norm_eps", 1e-12)),
-        position_embedding="learned",
-        max_position_embeddings=int(d.get("max_position_embeddings", 512)),
-        moe_every_n_layers=0,
-        num_experts=0,
-        pad_token_id=int(d.get("pad_token_id", 0)),
-        max_seq_length=max_seq_length,
-        matryoshka_dims=(int(d["hidden_size"]),),
-        prompts=prompts,
-    )
+    for key in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        if _typed(d, key, int, where, required=True) < 1:
+            raise CheckpointError(f"{where}: key {key!r} must be >= 1, got {d[key]}")
+    try:
+        return TeacherConfig(
+            vocab_size=_typed(d, "vocab_size", int, where, required=True),
+            hidden_size=_typed(d, "hidden_size", int, where, required=True),
+            num_layers=_typed(d, "num_hidden_layers", int, where, required=True),
+            num_heads=_typed(d, "num_attention_heads", int, where, required=True),
+            intermediate_size=_typed(d, "intermediate_size", int, where, required=True),
+            type_vocab_size=_typed(d, "type_vocab_size", int, where, 2),
+            layer_norm_eps=_typed(d, "layer_norm_eps", float, where, 1e-12),
+            position_embedding="learned",
+            max_position_embeddings=_typed(d, "max_position_embeddings", int, where, 512),
+            moe_every_n_layers=0,
+            num_experts=0,
+            pad_token_id=_typed(d, "pad_token_id", int, where, 0),
+            max_seq_length=max_seq_length,
+            matryoshka_dims=(d["hidden_size"],),
+            prompts=prompts,
+        )
+    except ValueError as e:
+        raise CheckpointError(f"{where}: inconsistent config: {e}") from None
 
 
-def load_pretrained(path: str | Path) -> NomicMoE:
-    """Load a nomic_bert folder (released format, dense or MoE) or an HF BERT folder as a NomicMoE."""
+def load_pretrained(path: str | Path, *, check: bool | None = None) -> NomicMoE:
+    """Load a nomic_bert folder (released format, dense or MoE) or an HF BERT folder as a NomicMoE.
+
+    Files are first compared with the folder's size / sha256 list when it has one (``check=False`` skips
+    that; default: on unless ``MOE2EDGE_SKIP_INTEGRITY_CHECK`` is set). The report is ``model.integrity``."""
     path = Path(path)
     if not path.is_dir():
-        raise CheckpointError(f"{path}: not a checkpoint folder")
+        raise CheckpointError(f"{path}: {'is a file, not' if path.exists() else 'no such'} checkpoint folder")
     hf = _read_json(path / "config.json")
+    ours = hf.get("moe2edge")
+    integrity = check_folder(path, check=check, required=isinstance(ours, dict) and "files" in ours)
     mtype = hf.get("model_type")
     if mtype == "bert":
         max_len, prompts = _st_side_info(path, {})
@@ -302,6 +355,7 @@ def load_pretrained(path: str | Path) -> NomicMoE:
     with torch.device("meta"):
         model = NomicMoE(cfg)
     load_state_into(model, state, where=str(path))
+    model.integrity = integrity
     log.info("loaded %s (%s, %.1fM params)", path, mtype, model.num_parameters() / 1e6)
     return model.eval()
 
@@ -339,16 +393,20 @@ def st_side_files(cfg: TeacherConfig) -> dict[str, dict | list]:
 
 
 def save_pretrained(model: NomicMoE, path: str | Path, *, tokenizer_dir: str | Path | None = None,
-                    extra_files: dict[str, dict] | None = None, before_commit=None) -> Path:
+                    extra_files: dict[str, dict] | None = None, before_commit=None, kind: str = "checkpoint",
+                    force: bool = False) -> Path:
     """Write the folder atomically: it appears complete or not at all (an old one stays on error).
 
-    ``before_commit(tmp_dir)`` may add files (e.g. trainer state) that must land in the same rename.
+    ``before_commit(tmp_dir)`` may add files (e.g. trainer state) that must land in the same rename. Every
+    file is listed with its size and sha256 in ``moe2edge_files.json`` (``kind``: "checkpoint" | "student").
+    An existing ``path`` is replaced only if it is a folder of that kind written by this tool and holds
+    nothing else, unless ``force`` (``moe2edge._io.safe_output``).
     """
     from safetensors.torch import save_file
 
     path = Path(path)
     cfg = model.config
-    with atomic_dir(path) as tmp:
+    with atomic_dir(path, kinds=(kind,), force=force) as tmp:
         (tmp / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -363,6 +421,7 @@ def save_pretrained(model: NomicMoE, path: str | Path, *, tokenizer_dir: str | P
                 raise CheckpointError(f"{tokenizer_dir}: no tokenizer.json to copy")
         if before_commit is not None:
             before_commit(tmp)
+        write_files_manifest(tmp, kind=kind)
     log.info("saved %s", path)
     return path
 

@@ -94,13 +94,17 @@ class Embedder:
         return save_pretrained(self.model, path, tokenizer_dir=self.tokenizer.dir, **kw)
 
 
-def load_embedder(path: str | Path, *, device: str = "cpu") -> Embedder:
-    """Load a checkpoint folder (released nomic_bert format or HF BERT) with its tokenizer."""
+def load_embedder(path: str | Path, *, device: str = "cpu", check: bool | None = None) -> Embedder:
+    """Load a checkpoint folder (released nomic_bert format or HF BERT) with its tokenizer (file hashes
+    checked where the folder lists them: ``check`` as in ``load_pretrained``)."""
     from moe2edge.teacher.checkpoint import load_pretrained
 
-    model = load_pretrained(path)
+    model = load_pretrained(path, check=check)
     tok = Tokenizer(path, max_length=model.config.max_seq_length, pad_id=model.config.pad_token_id)
-    return Embedder(model, tok, device=device)
+    tok.check_fits(model.config.vocab_size)  # a larger vocabulary would index past the embedding table
+    emb = Embedder(model, tok, device=device)
+    emb.integrity = getattr(model, "integrity", None)
+    return emb
 
 
 def minilm_path() -> Path:

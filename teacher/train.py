@@ -228,6 +228,7 @@ class Trainer:
     out_dir: Path | None = None
     extra_loss: Callable | None = None
     history: list[dict] = field(default_factory=list)
+    force_output: bool = False  # checkpoints may replace folders this tool did not write (--force)
 
     def __post_init__(self):
         from moe2edge._malloc import tune_malloc
@@ -433,7 +434,10 @@ class Trainer:
             def _state_writer(tmp: Path):
                 torch.save(state, tmp / "trainer_state.pt")
 
-            save_pretrained(self.model, path, tokenizer_dir=self.embedder.tokenizer.dir, before_commit=_state_writer)
+            # Replaces an existing folder only if it is a checkpoint this tool wrote holding nothing else
+            # (a user's files in OUT/final are never deleted) unless force_output (--force).
+            save_pretrained(self.model, path, tokenizer_dir=self.embedder.tokenizer.dir, before_commit=_state_writer,
+                            kind="checkpoint", force=self.force_output)
         if self.world > 1:
             dist.barrier()
         return path
@@ -442,11 +446,22 @@ class Trainer:
         """Resume: check the run is the same recipe BEFORE any compute, then restore everything."""
         from moe2edge.teacher.checkpoint import CheckpointError, load_pretrained
 
+        from moe2edge._integrity import check_folder
+
         path = Path(path)
+        if not path.is_dir():
+            raise CheckpointError(f"{path}: --resume needs a checkpoint folder (OUT/checkpoint-N or OUT/final)")
         st_file = path / "trainer_state.pt"
         if not st_file.exists():
             raise CheckpointError(f"{path}: no trainer_state.pt: not a training checkpoint")
-        state = torch.load(st_file, map_location="cpu", weights_only=False)
+        check_folder(path)  # sizes + sha256 before unpickling anything (load_pretrained below checks again, cached)
+        try:
+            state = torch.load(st_file, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - torch.load raises RuntimeError / EOFError / UnpicklingError
+            raise CheckpointError(f"{st_file}: corrupt or truncated trainer state ({type(e).__name__}: "
+                                  f"{' '.join(str(e).split())[:160]}); resume from another checkpoint") from None
+        if not isinstance(state, dict) or not {"step", "optimizer", "scheduler", "data", "rng"} <= set(state):
+            raise CheckpointError(f"{st_file}: not a moe2edge trainer state (keys missing)")
         if state.get("fingerprint") != self._fingerprint():
             theirs = state.get("train_config", {})
             diff = sorted(k for k in set(theirs) | set(self.cfg.to_dict())
