@@ -10,7 +10,7 @@ measured). Router MatMuls, activation x activation MatMuls and the post-GELU dow
 fp32 (fp16 in the engine), as in the ONNX target's static mode. Symmetric per-tensor activations
 still miss cosine 0.99 on MiniLM (0.974-0.982 min: many sub-layers each lose a little), so the
 accuracy-aware search of ``targets/fallback.py`` leaves the most sensitive sub-layers in float until
-the probe (calibration text) passes; which ones is recorded in the manifest.
+the probe (text of its own package groups) passes; which ones is recorded in the manifest.
 
 The engine step needs ``tensorrt`` and a CUDA GPU. Where they are absent (this project's CPU
 machines: PyPI's tensorrt wheels are stubs that download from NVIDIA), ``--target tensorrt`` still
@@ -119,7 +119,7 @@ class TensorRTTarget:
         return Artifact(path, "tensorrt", "fp32", {"exporter": "torch.onnx.export(dynamo=True)", "opset": cfg.opset,
                                                    "routing": "all-experts" if cfg.all_experts else "sparse"})
 
-    def quantize(self, exported: Artifact, calibration, cfg: CompileConfig) -> Artifact:
+    def quantize(self, exported: Artifact, calibration, cfg: CompileConfig, *, probe=None) -> Artifact:
         import onnx
 
         from moe2edge.targets.onnx_graph import check_no_qdq_on_mask, qdq_summary
@@ -132,7 +132,7 @@ class TensorRTTarget:
         dst = exported.path.parent / "model_qdq.onnx"
         cache = exported.path.parent / "calibration-cache.json"
         settings = quantize_accuracy_aware(
-            exported.path, dst, calibration, cfg, base_exclude=exclude,
+            exported.path, dst, calibration, cfg, base_exclude=exclude, probe=probe,
             quantize_to=lambda excl, path: ort_quantize_static(exported.path, path, calibration,
                                                                symmetric_activations=True, exclude=excl, cache=cache))
         q = onnx.load(str(dst))

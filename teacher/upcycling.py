@@ -78,3 +78,28 @@ def upcycle(
     log.info("upcycled %d dense FFNs into %d experts (top-%d) at layers %s", len(new_cfg.moe_layers), E, top_k,
              new_cfg.moe_layers)
     return moe.train(dense.training)
+
+
+@torch.no_grad()
+def diversify_experts(moe: NomicMoE, *, noise: float = 0.1, router_gain: float = 10.0, bias_std: float = 0.05,
+                      seed: int = 0) -> NomicMoE:
+    """Make a freshly upcycled MoE's experts distinct and its router decisive (in place; returns ``moe``).
+
+    Upcycled experts are copies and the router is N(0, 0.02), i.e. near-uniform: on such a model an
+    engine that routes a token to the wrong expert, or pairs one expert's up-projection with another's
+    down-projection, computes the same numbers, so parity tests cannot see it. This is the test and
+    benchmark fixture that can: every expert weight times ``1 + noise * N(0, 1)`` (each expert its own
+    draw), router logits scaled by ``router_gain`` (sharper softmax: top-k masses far from 1/E) and a
+    non-zero shared expert bias N(0, ``bias_std``) (upcycling starts it at zero, so dropping it would be
+    invisible too). Not a training recipe.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for block in moe.encoder.layers:
+        mlp = block.mlp
+        if not hasattr(mlp, "router"):
+            continue
+        for p in (mlp.experts.mlp.w1, mlp.experts.mlp.w2):  # (E*F, H): rows of expert e are one block
+            p.mul_(1 + noise * torch.randn(p.shape, generator=gen))
+        mlp.router.layer.weight.mul_(router_gain)
+        mlp.experts.bias.copy_(torch.randn(mlp.experts.bias.shape, generator=gen) * bias_std)
+    return moe
