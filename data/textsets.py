@@ -59,7 +59,11 @@ def split_descriptions(records: list[Description], *, shares: dict[str, float] |
     the sizes, group counts and the pairwise leakage check (raises ``RuntimeError`` if any set leaks)."""
     shares = shares or DEFAULT_SHARES
     units = _units(records)
-    groups = group_units(units, unit_keys(units, cfg))
+    # The corpus builder's keys, plus the plain-text keys of each short and long text (what ``overlap``
+    # checks at compile time: a short line can be a near-duplicate of another package's text).
+    short_k, long_k = text_keys([r.short for r in records], cfg), text_keys([r.long for r in records], cfg)
+    keys = [u + s + lk for u, s, lk in zip(unit_keys(units, cfg), short_k, long_k)]
+    groups = group_units(units, keys)
     idx = assign_groups(groups, shares, seed=seed)
     sets = {r: [records[i] for i in v] for r, v in idx.items()}
     report = {"grouping": "source package + normalised text + MinHash LSH band (data/debian.py)",
@@ -67,6 +71,10 @@ def split_descriptions(records: list[Description], *, shares: dict[str, float] |
               "sizes": {r: len(v) for r, v in sets.items()},
               "groups_per_set": {r: len({groups[i] for i in v}) for r, v in idx.items()}}
     report["leakage"] = leakage(sets, cfg)
+    for i, a in enumerate(list(sets)):
+        for b in list(sets)[i + 1:]:
+            ov = overlap([t for d in sets[a] for t in (d.short, d.long)], [t for d in sets[b] for t in (d.short, d.long)], cfg)
+            report["leakage"][f"{a}->{b} text overlap"] = ov["exact"] + ov["near_duplicate"]
     leaking = {k: v for k, v in report["leakage"].items() if v}
     if leaking:
         raise RuntimeError(f"text sets leak into each other: {leaking}")

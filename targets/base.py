@@ -70,7 +70,7 @@ class CompileConfig:
     # source-package groups, neither calibration nor verification) with the margin measured between
     # its two halves (targets/gates.probe_gate); 0 disables the search.
     int8_fallback_groups: int = 8
-    int8_fallback_probe_batches: int = 16  # at most this many probe batches (calibration_batch_size texts each)
+    int8_fallback_probe_batches: int = 8  # probe batches used (half from each half; calibration_batch_size texts each)
     # OpenVINO
     ov_precision_hint: str = "f32"  # INFERENCE_PRECISION_HINT at run time (CPU default would be bf16 here)
     # Calibration / verification
