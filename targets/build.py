@@ -341,6 +341,10 @@ def compile_engine(
             spec["ov_precision_hint"] = cfg.ov_precision_hint
         (tmp / ENGINE_FILE).write_text(json.dumps(spec, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         measured = verify_engine(tmp, model, tok, verify_pairs, prompts=dict(mcfg.prompts), dim=dim, cfg=cfg)
+        if hasattr(target, "bundle_verification"):  # TensorRT: inputs + references for the plan's own check
+            with __import__("torch").no_grad():
+                art.info["plan_verification"] = target.bundle_verification(
+                    tmp, model, tok, verify_pairs, cfg, dim, measured["thresholds"])
         file_hashes = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*"))
                        if p.is_file() and p.name != "manifest.json"}
         identity = {

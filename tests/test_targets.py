@@ -314,9 +314,22 @@ def test_tensorrt_fallback_reaches_a_stricter_threshold(small_moe, pairs, tmp_pa
 
 
 @pytest.mark.gpu
-def test_tensorrt_engine_build():
+def test_tensorrt_engine_build(small_moe, pairs, tmp_path):
+    """On a GPU machine: build_engine.py builds and verifies the plan; the runtime then runs it."""
     if not targets.get("tensorrt").is_available():
         pytest.skip("needs tensorrt and a CUDA GPU")
+    model, ckpt = small_moe
+    out = tmp_path / "trt"
+    _compile(model, ckpt, out, CompileConfig(target="tensorrt", precision="int8"), *pairs)
+    r = subprocess.run([sys.executable, str(out / "build_engine.py")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads((out / "manifest.json").read_text())["tensorrt_plan"]
+    assert rec["passed"] and rec["verification"]["vs_pytorch"]["cos_min"] >= 0.99
+    from moe2edge.targets.runtime import TensorRTEngine, load_engine
+
+    eng = load_engine(out)
+    assert isinstance(eng.engine, TensorRTEngine)
+    assert eng.encode(["a web browser"]).shape == (1, 384)
 
 
 # ------------------------------------------------------------------------------------ errors

@@ -24,7 +24,9 @@ pytest.importorskip("onnxruntime")
 
 from moe2edge import targets  # noqa: E402
 from moe2edge.targets.base import CompileConfig  # noqa: E402
-from tests.test_targets import FIXTURE_STATUS, _compile, _small_moe, onnx_fp32, pairs, small_moe  # noqa: E402,F401
+from tests.test_targets import (  # noqa: E402,F401
+    FIXTURE_STATUS, _compile, _small_moe, cached_export, onnx_fp32, pairs, small_moe,
+)
 
 MOE_LAYER = "model.encoder.layers.1.mlp"
 
@@ -256,3 +258,151 @@ def test_overlapping_user_sets_are_refused_or_recorded(small_moe, pairs, tmp_pat
     man = json.loads((tmp_path / "e" / "manifest.json").read_text())
     ts = man["identity"]["text_sets"]
     assert ts["allow_overlap"] and ts["overlap"]["calibration_vs_verification"]["exact"] >= 4
+
+
+# ------------------------------------------------------------------------------ error messages
+
+
+def test_every_named_extra_exists():
+    """Each ``extra=`` / ``runtime_extra`` in the source names an extra of pyproject.toml (there is no
+    [core] or [tensorrt]); extra=None messages say what to install instead."""
+    import re
+    import tomllib
+
+    from moe2edge._optional import MissingExtraError, require
+
+    root = Path(__file__).resolve().parents[1]
+    extras = set(tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"])
+    named = {}
+    for f in root.glob("*/*.py"):
+        if f.parts[-2] in (".venv", ".venv-runtime", "tests", "bench"):
+            continue
+        for m in re.finditer(r'(?:extra=|runtime_extra = )"([^"]+)"', f.read_text(encoding="utf-8")):
+            named.setdefault(m.group(1), []).append(f.name)
+    assert named and set(named) <= extras, {k: v for k, v in named.items() if k not in extras}
+    with pytest.raises(MissingExtraError, match=r"not installed: install NVIDIA TensorRT"):
+        require("no_such_module_xyz", extra=None, hint="install NVIDIA TensorRT >= 10")
+    with pytest.raises(MissingExtraError, match=r"pip install 'moe2edge\[onnx\]'"):
+        require("no_such_module_xyz", extra="onnx")
+
+
+# ------------------------------------------------------------------------------ TensorRT plans
+
+
+@pytest.fixture(scope="module")
+def trt_folder(small_moe, pairs, tmp_path_factory):
+    model, ckpt = small_moe
+    out = tmp_path_factory.mktemp("trt") / "trt-int8"
+    man = _compile(model, ckpt, out, CompileConfig(target="tensorrt", precision="int8"), *pairs)
+    return man, out
+
+
+def _copy(folder, tmp_path):
+    dst = tmp_path / "eng"
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def test_tensorrt_folder_bundles_plan_verification_inputs(trt_folder):
+    import json
+
+    man, out = trt_folder
+    z = np.load(out / "plan_verification.npz")
+    assert int(z["batches"]) >= 2 and z["torch_ref"].shape == z["qdq_ref"].shape and z["torch_ref"].shape[1] == 384
+    assert json.loads(str(z["thresholds"]))["sqnr_db"] == 20.0
+    assert "plan_verification.npz" in man["identity"]["files"]  # hashed with the rest of the compile
+    sh = (out / "build_engine.sh").read_text()
+    assert "exec python3 build_engine.py" in sh and "#   trtexec --onnx=model_qdq.onnx" in sh
+    src = (out / "build_engine.py").read_text()
+    compile(src, "build_engine.py", "exec")
+    assert "clear_flag(trt.BuilderFlag.TF32)" in src and "build_and_verify" in src
+
+
+def _runners(folder, wrong: set):
+    """open_runner: ONNX Runtime plays the plan (the QDQ graph); precisions in ``wrong`` return noise-perturbed
+    embeddings (a plan whose fp16 float sub-layers broke parity)."""
+    from moe2edge.targets.runtime import OrtEngine
+
+    ort = OrtEngine(folder / "model_qdq.onnx")
+
+    def open_runner(plan_path):
+        prec = Path(plan_path).read_bytes().decode()
+        if prec not in wrong:
+            return ort.run
+        rng = np.random.default_rng(0)
+
+        def bad(ids, mask):
+            x = ort.run(ids, mask) + 0.05 * rng.standard_normal((len(ids), 384)).astype(np.float32)
+            return x / np.linalg.norm(x, axis=1, keepdims=True)
+        return bad
+    return open_runner
+
+
+def test_plan_fp16_refused_fp32_kept_and_recorded(trt_folder, tmp_path):
+    import json
+
+    from moe2edge.targets.plan_check import build_and_verify, check_plan_record
+
+    folder = _copy(trt_folder[1], tmp_path)
+    ident = json.loads((folder / "manifest.json").read_text())["identity_sha256"]
+    rec = build_and_verify(folder, build=lambda prec: prec.encode(), open_runner=_runners(folder, {"fp16"}))
+    assert rec["passed"] and rec["float_precision"] == "fp32" and (folder / "engine.plan").read_bytes() == b"fp32"
+    fp16 = rec["attempts"][0]
+    assert fp16["float_precision"] == "fp16" and not fp16["passed"]
+    assert any(p.startswith("SQNR") or p.startswith("cosine min") for p in fp16["problems"]), fp16["problems"]
+    assert rec["verification"]["vs_qdq_onnx"]["max_abs"] == 0.0  # ORT played the QDQ graph itself
+    man = json.loads((folder / "manifest.json").read_text())
+    assert man["tensorrt_plan"]["plan_sha256"] == rec["plan_sha256"] and man["identity_sha256"] == ident
+    assert check_plan_record(folder, folder / "engine.plan")["float_precision"] == "fp32"
+    assert not list(folder.glob(".tmp-*"))
+
+
+def test_plan_that_fails_everywhere_is_not_left(trt_folder, tmp_path):
+    import json
+
+    from moe2edge.targets.plan_check import PlanVerificationError, build_and_verify
+
+    folder = _copy(trt_folder[1], tmp_path)
+    with pytest.raises(PlanVerificationError, match=r"fp16: .*; fp32: .*no engine.plan written") as ei:
+        build_and_verify(folder, build=lambda prec: prec.encode(), open_runner=_runners(folder, {"fp16", "fp32"}))
+    assert len(ei.value.attempts) == 2 and not (folder / "engine.plan").exists() and not list(folder.glob(".tmp-*"))
+    assert json.loads((folder / "manifest.json").read_text())["tensorrt_plan"]["passed"] is False
+
+
+def test_runtime_refuses_a_plan_without_a_passing_record(trt_folder, tmp_path, monkeypatch):
+    from moe2edge.targets import runtime
+    from moe2edge.targets.plan_check import build_and_verify
+
+    folder = _copy(trt_folder[1], tmp_path)
+    (folder / "engine.plan").write_bytes(b"a plan built by hand with trtexec")
+    monkeypatch.setattr("moe2edge._optional.has", lambda m: True)  # pretend tensorrt is installed
+    opened = []
+    monkeypatch.setattr(runtime, "TensorRTEngine", lambda plan, **kw: opened.append(plan) or object())
+    with pytest.raises(runtime.EngineFolderError, match=r"no passing verification record.*build_engine.py"):
+        runtime.load_engine(folder)
+    build_and_verify(folder, build=lambda prec: prec.encode(), open_runner=_runners(folder, set()))
+    runtime.load_engine(folder)  # verified: opened
+    assert opened == [folder / "engine.plan"]
+    (folder / "engine.plan").write_bytes(b"fp16 swapped after verification")
+    with pytest.raises(runtime.EngineFolderError, match="sha256 differs"):
+        runtime.load_engine(folder)
+
+
+def test_build_engine_script_wires_build_and_verify(trt_folder, tmp_path, monkeypatch):
+    """The generated build_engine.py, with a stand-in ``tensorrt`` module: main() builds, verifies, keeps."""
+    import importlib.util
+    import sys
+    import types
+
+    from moe2edge.targets import runtime
+
+    folder = _copy(trt_folder[1], tmp_path)
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="stand-in"))
+    spec = importlib.util.spec_from_file_location("build_engine", folder / "build_engine.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(mod, "build", lambda prec: prec.encode())
+    ort_run = _runners(folder, {"fp16"})
+    monkeypatch.setattr(runtime, "TensorRTEngine", lambda p: types.SimpleNamespace(run=ort_run(p)))
+    mod.main()
+    assert (folder / "engine.plan").read_bytes() == b"fp32"
