@@ -125,26 +125,12 @@ def test_mutated_graph_is_refused_with_the_numbers(mutation, small_moe, pairs, o
     assert f"max-abs {par['max_abs']:.3g} > 1e-05" in msg, msg
     assert par["max_abs"] > 1e-5 and par["thresholds"] == {"cos_min": 0.99999, "sqnr_db": None, "max_abs": 1e-5,
                                                            "ndcg_rel_loss": 0.005}
+    if mutation == "tanh-gelu":  # small per coordinate: only max-abs sees it (cosine passes even 0.99999)
+        assert 1e-5 < par["max_abs"] < 1e-2 and par["cos_min"] >= 0.99999 and "cosine" not in msg
+    else:  # routing mutations move whole expert outputs: even the old cosine gate (0.9999) sees them
+        assert par["cos_min"] < 0.9999 and f"cosine min {par['cos_min']:.7f} < 0.99999" in msg
     assert not out.exists() and os.listdir(out.parent) == []  # nothing at --out, no temp sibling
     assert os.listdir(private_tmp) == []  # no build folder left in the temp dir
-
-
-def test_gates_of_the_mutations(small_moe, pairs, onnx_fp32, tmp_path, monkeypatch):
-    """Which gate each mutation fails beyond max-abs (the numbers behind docs/benchmarks.md)."""
-    model, ckpt = small_moe
-    seen = {}
-    for name, mutate in MUTATIONS.items():
-        work = tmp_path / name
-        work.mkdir()
-        _mutated_export(monkeypatch, onnx_fp32[1] / "model.onnx", mutate, work)
-        with pytest.raises(targets.VerificationError) as ei:
-            _compile(model, ckpt, work / "out", CompileConfig(target="onnx"), pairs[0])
-        seen[name] = ei.value.parity
-    # The routing mutations move whole expert outputs: even the old cosine gate (0.9999) sees them.
-    for name in ("swap-experts", "drop-shared-bias", "renormalise-top-k"):
-        assert seen[name]["cos_min"] < 0.9999, (name, seen[name]["cos_min"])
-    # tanh-GELU is small per coordinate: only the max-abs gate (and the tighter cosine) can see it.
-    assert 1e-5 < seen["tanh-gelu"]["max_abs"] < 1e-2
 
 
 def test_identical_experts_hide_an_expert_swap(pairs, tmp_path_factory, tmp_path, monkeypatch):
@@ -202,9 +188,7 @@ def test_tighter_fp32_gate_refuses_what_the_old_one_passed(small_moe, pairs, onn
     _mutated_export(monkeypatch, onnx_fp32[1] / "model.onnx", tanh_gelu, tmp_path)
     old = CompileConfig(target="onnx", fp32_cos_min=0.9999, fp32_max_abs=None, max_ndcg_rel_loss=None)
     man = _compile(model, ckpt, tmp_path / "old", old, pairs[0])
-    assert man["parity"]["cos_min"] >= 0.9999 and man["parity"]["max_abs"] > 1e-5
-    with pytest.raises(targets.VerificationError, match=r"max-abs .* > 1e-05"):
-        _compile(model, ckpt, tmp_path / "new", CompileConfig(target="onnx"), pairs[0])
+    assert man["parity"]["cos_min"] >= 0.9999 and man["parity"]["max_abs"] > 1e-5  # today's gate: see above
 
 
 # ------------------------------------------------------------------------------ text sets
