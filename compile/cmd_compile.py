@@ -21,7 +21,8 @@ def register(sub) -> None:
             "With --int8 the graph is quantised with real calibration text (onnx: ORT dynamic per-channel or static "
             "QDQ; openvino: NNCF post-training; tensorrt: symmetric QDQ ONNX + build_engine.sh). Every engine is "
             "run on real text and compared with the PyTorch model before the folder appears (fp32: cosine min >= "
-            "0.9999; int8: >= 0.99); on failure nothing is written. A static student folder compiles to onnx or "
+            "0.99999 and max-abs <= 1e-5; int8: cosine min >= 0.99 and SQNR >= 20 dB; both: nDCG@10 loss <= 0.5 percent); "
+            "on failure nothing is written. A static student folder compiles to onnx or "
             "openvino with its table lookup + mean in the graph (--int8: weight-only int8 table, no calibration). "
             "The folder runs without torch: "
             "`moe2edge embed --engine DIR` or moe2edge.targets.runtime.load_engine(DIR)."
@@ -35,7 +36,8 @@ def register(sub) -> None:
     p.add_argument("--int8", action="store_true", help="INT8 post-training quantisation (needs --calibration)")
     p.add_argument("--calibration", default=None,
                    help="calibration text: a UTF-8 file with one text per line, or JSONL (text/query/document fields); "
-                        "'dpkg' uses this machine's package descriptions (disjoint from the verification set)")
+                        "'dpkg' uses this machine's package descriptions (source packages disjoint from the verification "
+                        "and probe sets)")
     p.add_argument("--dim", type=positive_int, default=None, help="Matryoshka output dimension baked into the graph")
     p.add_argument("--quant", choices=("dynamic", "static"), default="dynamic",
                    help="onnx INT8 flavour: dynamic (per-channel weights, default: measured better here) or static QDQ")
@@ -49,6 +51,9 @@ def register(sub) -> None:
                    help="JSONL of {query, document} pairs to verify with, instead of this machine's package descriptions")
     p.add_argument("--min-cos", type=cosine_threshold, default=None,
                    help="override the cosine-min threshold of the precision (in (0, 1])")
+    p.add_argument("--allow-overlap", action="store_true",
+                   help="compile even when the calibration / probe / verification texts duplicate each other "
+                        "(exactly or nearly); the counts are recorded in the manifest (default: refused)")
     p.add_argument("--threads", type=positive_int, default=1, help="torch threads while compiling (default 1)")
     p.add_argument("--st-out", default=None,
                    help="also write a sentence-transformers folder (fp32 token-embedding graph) loadable with "
@@ -133,14 +138,25 @@ def _check_args(args) -> bool:
     return static
 
 
-def _verify_pairs(args) -> tuple[list, list]:
-    """(verification pairs, dpkg calibration texts): even / odd package descriptions, never overlapping."""
-    if args.verify_file:
-        return read_verify_file(args.verify_file)[: args.verify_pairs], []
-    from moe2edge.data.installed import installed_descriptions
+def _text_sets(args) -> tuple[list, list, tuple | None, dict | None]:
+    """(verification pairs, dpkg calibration texts, dpkg probe halves, split report).
 
-    allp = installed_descriptions(limit=None)
-    return allp[0::2][: args.verify_pairs], [t for p in allp[1::2][:200] for t in p]
+    From this machine's package descriptions: three sets of disjoint source-package and near-duplicate
+    groups (``data/installed.installed_text_sets``): verification, calibration, and the INT8 fallback's
+    probe (itself two group-disjoint halves). With --verify-file the pairs come from the file and the
+    dpkg sets are not read (--calibration dpkg is then refused)."""
+    if args.verify_file:
+        return read_verify_file(args.verify_file)[: args.verify_pairs], [], None, {"verification": args.verify_file}
+    from moe2edge.data.installed import installed_text_sets
+    from moe2edge.data.textsets import split_descriptions
+
+    sets, report = installed_text_sets()
+    halves, hrep = split_descriptions(sets["probe"], shares={"a": 1, "b": 1})
+    report["probe_halves"] = hrep["sizes"]
+    verify = [(d.short, d.long) for d in sets["verify"]][: args.verify_pairs]
+    calib = [t for d in sets["calibration"] for t in (d.short, d.long)]
+    probe = tuple([t for d in halves[h] for t in (d.short, d.long)] for h in ("a", "b"))
+    return verify, calib, probe, report
 
 
 def run(args) -> int:
@@ -164,11 +180,16 @@ def run(args) -> int:
     from moe2edge.student.static import load_static
     from moe2edge.targets.runtime import Tokenizer as _Tok
 
-    pairs, dpkg_texts = _verify_pairs(args)
+    pairs, dpkg_texts, dpkg_probe, split = _text_sets(args)
     check_text_pairs(pairs, where=args.verify_file or "this machine's package descriptions")
-    calib = None
+    calib, probe = None, None
     if args.int8 and not static:
-        calib = dpkg_texts if args.calibration == "dpkg" else read_texts(args.calibration)
+        if args.calibration == "dpkg":
+            calib, probe = dpkg_texts, dpkg_probe
+            split = {**(split or {}), "calibration": "dpkg"}
+        else:  # a user's file: its probe is a third of its own near-duplicate groups (build.text_sets)
+            calib = read_texts(args.calibration)
+            split = {**(split or {}), "calibration": args.calibration}
         if args.calibration == "dpkg" and not calib:
             raise ValueError("--calibration dpkg needs this machine's package descriptions (not with --verify-file)")
     if static:  # a static student: token table + mean, weight-only INT8
@@ -181,10 +202,11 @@ def run(args) -> int:
     if args.dim is not None and args.dim > model.config.hidden_size:
         raise ValueError(f"--dim {args.dim} is larger than the model's hidden size {model.config.hidden_size}")
     manifest = compile_engine(model=model, tokenizer_file=tok_file, out_dir=args.out, cfg=cfg, verify_pairs=pairs,
-                              calibration_texts=calib, source_hash=checkpoint_hash(args.model), force=args.force)
+                              calibration_texts=calib, probe_texts=probe, allow_overlap=args.allow_overlap,
+                              text_split=split, source_hash=checkpoint_hash(args.model), force=args.force)
     par = manifest["parity"]
     print(f"built {args.out}: {args.target} {cfg.precision}, verified on {par['n']} real texts: cosine mean "
-          f"{par['cos_mean']:.6f} min {par['cos_min']:.6f} max-abs {par['max_abs']:.2e}, nDCG@10 "
+          f"{par['cos_mean']:.6f} min {par['cos_min']:.6f} max-abs {par['max_abs']:.2e} SQNR {par['sqnr_db']:.1f} dB, nDCG@10 "
           f"{par['ndcg@10_engine']:.4f} (PyTorch {par['ndcg@10_pytorch']:.4f}, delta {par['ndcg@10_delta']:+.4f})")
     if args.st_out:
         from moe2edge.targets.base import Sample

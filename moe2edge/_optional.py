@@ -25,11 +25,13 @@ def has(module: str) -> bool:
         return False
 
 
-def require(module: str, *, extra: str, purpose: str = "") -> ModuleType:
+def require(module: str, *, extra: str | None, purpose: str = "", hint: str = "") -> ModuleType:
+    """Import ``module`` or raise naming what installs it: the pip extra ``extra`` (one of pyproject's
+    ``[project.optional-dependencies]``, tested), or, with ``extra=None`` (a core dependency, or
+    something no extra brings, like TensorRT), ``hint``."""
     try:
         return importlib.import_module(module)
-    except ImportError as e:  # pragma: no cover - message path tested via has()
+    except ImportError as e:
         what = f" for {purpose}" if purpose else ""
-        raise MissingExtraError(
-            f"'{module}' is needed{what} but is not installed: pip install 'moe2edge[{extra}]'"
-        ) from e
+        how = f"pip install 'moe2edge[{extra}]'" if extra else (hint or "pip install moe2edge")
+        raise MissingExtraError(f"'{module}' is needed{what} but is not installed: {how}") from e

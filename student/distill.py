@@ -145,13 +145,11 @@ def distill(student, teacher, pairs: list, *, train, loss: DistillLoss | None = 
     if student.tokenizer.tok.get_vocab_size() != teacher.tokenizer.tok.get_vocab_size():
         raise ValueError("student and teacher tokenizers differ: distillation feeds both the same texts")
     distiller = Distiller(teacher, loss, student.model.config.hidden_size)
-    trainer = Trainer(student, train, out_dir=Path(out_dir) if out_dir else None, extra_loss=distiller)
+    # The projection learns with the student: same optimizer and schedule, no decay, and under torchrun
+    # the same start and rank-averaged gradients (Trainer.extra_params), so ranks stay identical.
+    trainer = Trainer(student, train, out_dir=Path(out_dir) if out_dir else None, extra_loss=distiller,
+                      extra_params=list(distiller.proj.parameters()) if distiller.proj is not None else [])
     distiller.trainer = trainer
-    if distiller.proj is not None:  # the projection learns with the student, same schedule, no decay
-        trainer.opt.add_param_group({"params": list(distiller.proj.parameters()), "weight_decay": 0.0,
-                                     "lr": train.lr, "initial_lr": train.lr})
-        trainer.sched.base_lrs.append(train.lr)
-        trainer.sched.lr_lambdas.append(trainer.sched.lr_lambdas[0])
     t0 = time.perf_counter()
     history = trainer.fit(pairs, progress=progress)
     for rec, parts in zip(history, distiller.parts):

@@ -9,8 +9,9 @@ Verification runs the finished folder through the same runtime users get
 (``moe2edge.targets.runtime.load_engine``) on real text and compares with the PyTorch model in fp32:
 per-text cosine (mean / min over every text and every batch shape tried), max-abs difference, and
 nDCG@10 on a small retrieval set (short package description as the query, its long description
-as the document). Below threshold (fp32: cos min >= 0.9999; INT8: >= 0.99) -> ``VerificationError``
-naming the measured numbers.
+as the document), set-level SQNR. Below a gate of ``targets/gates.py`` (fp32: cos min >= 0.99999 and
+max-abs <= 1e-5; INT8: cos min >= 0.99 and SQNR >= 20 dB; both: nDCG@10 loss <= 0.5 % relative) ->
+``VerificationError`` naming the measured numbers and the thresholds.
 
 The manifest's ``identity`` block (source checkpoint hash, target, precision, settings, quantiser
 settings, calibration / verification data hashes, versions, file hashes) carries no timestamp or
@@ -36,6 +37,7 @@ from moe2edge._text import check_text_pairs
 from moe2edge.targets.base import (
     Artifact, CalibrationError, CompileConfig, Sample, TargetError, TargetUnavailableError, VerificationError, get,
 )
+from moe2edge.targets.gates import cosines, gate_problems, ndcg_rel_loss, sqnr_db, thresholds
 from moe2edge.targets.runtime import ENGINE_FILE, ENGINE_FORMAT, Tokenizer, encode_batches, load_engine
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,52 @@ def calibration_batches(texts: list[str], tok: Tokenizer, cfg: CompileConfig) ->
     return batches, {"sha256": texts_sha256(texts), "texts": len(texts), "tokens": int(n_tok), "batch_size": bs}
 
 
+class TextOverlapError(CalibrationError):
+    """Verification, calibration or probe texts duplicate each other (exactly or nearly)."""
+
+
+def text_sets(verify_pairs: list[tuple[str, str]], calibration: list[str], probe, *, allow_overlap: bool,
+              seed: int = 13) -> tuple[list[str], tuple[list[str], list[str]], dict]:
+    """(calibration texts, probe halves, report): the three INT8 text sets, checked to be disjoint.
+
+    ``probe``: two lists (halves of disjoint package groups, as ``data/installed.installed_text_sets``
+    gives), one list (split in halves by near-duplicate group here), or None (carved out of
+    ``calibration``: a third of its near-duplicate groups). Every pair of sets is checked for exact and
+    near-duplicate overlap (``data/textsets.overlap``); any -> ``TextOverlapError`` with the counts, unless
+    ``allow_overlap`` (then the counts are only recorded)."""
+    from moe2edge.data.textsets import overlap, split_texts
+
+    calibration = [t for t in calibration if t.strip()]
+    report: dict = {}
+    if probe is None:
+        parts = split_texts(calibration, {"calibration": 2, "probe": 1}, seed=seed)
+        calibration, probe = parts["calibration"], parts["probe"]
+        report["probe_from"] = "a third of the calibration texts' near-duplicate groups"
+    if probe and isinstance(probe[0], str):
+        halves = split_texts(list(probe), {"a": 1, "b": 1}, seed=seed)
+        probe = (halves["a"], halves["b"])
+    probe = ([t for t in probe[0] if t.strip()], [t for t in probe[1] if t.strip()])
+    verify = [t for p in verify_pairs for t in p]
+    ov = {"calibration_vs_verification": overlap(calibration, verify),
+          "probe_vs_verification": overlap(probe[0] + probe[1], verify),
+          "calibration_vs_probe": overlap(calibration, probe[0] + probe[1])}
+    report.update(calibration_texts=len(calibration), probe_texts=[len(probe[0]), len(probe[1])], overlap=ov,
+                  allow_overlap=allow_overlap)
+    bad = {k: v for k, v in ov.items() if v["exact"] or v["near_duplicate"]}
+    if bad and not allow_overlap:
+        what = "; ".join(f"{k.replace('_vs_', ' vs ')}: {v['exact']} exact + {v['near_duplicate']} near-duplicate "
+                         f"of {v['texts']} texts" for k, v in bad.items())
+        raise TextOverlapError(f"text sets overlap ({what}): verification would not be independent of what "
+                               "the INT8 graph was calibrated and searched on. Use texts of other packages, or "
+                               "pass --allow-overlap to compile anyway (the counts go into the manifest)")
+    if bad:
+        log.warning("text sets overlap (allowed): %s", bad)
+    if not probe[0] or not probe[1]:
+        raise CalibrationError(f"the INT8 fallback probe needs two non-empty halves, got {len(probe[0])} + "
+                               f"{len(probe[1])} texts: give more (and more varied) calibration text")
+    return calibration, probe, report
+
+
 # ------------------------------------------------------------------------------ parity
 
 
@@ -115,10 +163,20 @@ def ndcg10_diagonal(q: np.ndarray, d: np.ndarray) -> float:
 
 def parity(ref: np.ndarray, got: np.ndarray) -> dict:
     finite = bool(np.isfinite(got).all() and np.isfinite(ref).all())
-    cos = (ref * got).sum(1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1), 1e-12)
+    cos = cosines(ref, got)
     return {"n": int(len(ref)), "finite": finite, "cos_mean": float(np.mean(cos)) if finite else float("nan"),
             "cos_min": float(np.min(cos)) if finite else float("nan"),
-            "max_abs": float(np.max(np.abs(ref - got))) if finite else float("nan")}
+            "max_abs": float(np.max(np.abs(ref - got))) if finite else float("nan"),
+            "sqnr_db": sqnr_db(ref, got) if finite else float("nan")}
+
+
+def _rounded(res: dict) -> dict:
+    """7 decimals for the JSON record; max-abs keeps 3 significant digits (fp32 engines measure ~1e-7)."""
+    def r(k, v):
+        if not isinstance(v, float) or not math.isfinite(v):
+            return v
+        return float(f"{v:.3g}") if k == "max_abs" else round(v, 7)
+    return {k: r(k, v) for k, v in res.items()}
 
 
 def verify_engine(engine_dir: Path, model, tok: Tokenizer, pairs: list[tuple[str, str]], *, prompts: dict,
@@ -157,17 +215,12 @@ def verify_engine(engine_dir: Path, model, tok: Tokenizer, pairs: list[tuple[str
     res["ndcg@10_pytorch"] = ndcg10_diagonal(ref_q, ref_d)
     res["ndcg@10_engine"] = ndcg10_diagonal(got_q, got_d)
     res["ndcg@10_delta"] = res["ndcg@10_engine"] - res["ndcg@10_pytorch"]
-    res.update(threshold_cos_min=cfg.cos_threshold, queries=len(queries), documents=len(docs),
-               shapes="batch 32 (length-sorted), batch 1, one mixed batch", seconds=round(seconds, 2))
-    res = {k: (round(v, 7) if isinstance(v, float) and math.isfinite(v) else v) for k, v in res.items()}
-    problems = []
-    if not res["finite"]:
-        problems.append("non-finite embeddings")
-    elif res["cos_min"] < cfg.cos_threshold:
-        problems.append(f"cosine min {res['cos_min']:.6f} < {cfg.cos_threshold} (mean {res['cos_mean']:.6f}, "
-                        f"max-abs {res['max_abs']:.3g})")
-    if cfg.max_ndcg_loss is not None and res["finite"] and -res["ndcg@10_delta"] > cfg.max_ndcg_loss:
-        problems.append(f"nDCG@10 loss {-res['ndcg@10_delta']:.4f} > {cfg.max_ndcg_loss}")
+    res["ndcg@10_rel_loss"] = ndcg_rel_loss(res["ndcg@10_pytorch"], res["ndcg@10_engine"])
+    res.update(threshold_cos_min=cfg.cos_threshold, thresholds=thresholds(cfg), queries=len(queries),
+               documents=len(docs), shapes="batch 32 (length-sorted), batch 1, one mixed batch",
+               seconds=round(seconds, 2))
+    problems = gate_problems(res, res["thresholds"])  # on the unrounded numbers
+    res = _rounded(res)
     if problems:
         raise VerificationError(f"{cfg.target} {cfg.precision} failed verification against PyTorch fp32 on "
                                 f"{res['n']} real texts: " + "; ".join(problems), res)
@@ -201,6 +254,9 @@ def compile_engine(
     cfg: CompileConfig,
     verify_pairs: list[tuple[str, str]],
     calibration_texts: list[str] | None = None,
+    probe_texts=None,
+    allow_overlap: bool = False,
+    text_split: dict | None = None,
     source_hash: str,
     name: str | None = None,
     overwrite: bool = True,
@@ -210,8 +266,11 @@ def compile_engine(
 
     model: a ``NomicMoE``-family module (eval, fp32) or a static student's ``StaticModel`` (onnx / openvino;
     its INT8 is the weight-only int8 table, no calibration); tokenizer_file: its tokenizer.json;
-    verify_pairs: (query, document) real-text pairs; calibration_texts: required for INT8; force: replace
-    an existing ``out_dir`` that is not an engine folder this tool wrote (``moe2edge._io.safe_output``).
+    verify_pairs: (query, document) real-text pairs; calibration_texts: required for INT8; probe_texts:
+    the INT8 fallback's probe (two halves, one list, or None: carved out of the calibration texts), see
+    ``text_sets``; allow_overlap: record instead of refuse overlapping text sets; text_split: how the
+    caller drew the sets (recorded in the manifest); force: replace an existing ``out_dir`` that is not
+    an engine folder this tool wrote (``moe2edge._io.safe_output``).
     """
     t_start = time.perf_counter()
     target = get(cfg.target)
@@ -232,10 +291,20 @@ def compile_engine(
     tok = Tokenizer(tokenizer_file, max_length=mcfg.max_seq_length, pad_id=mcfg.pad_token_id)
     model = model.eval()
 
-    calib, calib_info = None, None
+    calib, calib_info, probe, sets_info = None, None, None, None
     if cfg.precision == "int8" and static:
         calib_info = {"not_needed": "weight-only INT8 (the table); there are no activations to calibrate"}
     elif cfg.precision == "int8":
+        if calibration_texts is not None:
+            calibration_batches(calibration_texts, tok, cfg)  # too little text: say so before splitting it
+            calibration_texts, halves, sets_info = text_sets(verify_pairs, calibration_texts, probe_texts,
+                                                             allow_overlap=allow_overlap)
+            per_half = max(1, cfg.int8_fallback_probe_batches // 2) * cfg.calibration_batch_size
+            halves = [h[:per_half] for h in halves]
+            probe = tuple([tok(h[s : s + cfg.calibration_batch_size])[:2]
+                           for s in range(0, len(h), cfg.calibration_batch_size)] for h in halves)
+            sets_info.update(probe_texts_used=[len(h) for h in halves], probe_sha256=texts_sha256(halves[0] + halves[1]),
+                             split=text_split)
         calib, calib_info = calibration_batches(calibration_texts, tok, cfg)
         if mcfg.moe_layers:
             from moe2edge.targets.torch_export import expert_token_counts
@@ -262,7 +331,7 @@ def compile_engine(
         else:
             art = target.export(model, sample, work, cfg)
             if cfg.precision == "int8":
-                art = target.quantize(art, calib, cfg)
+                art = target.quantize(art, calib, cfg, probe=probe)
         files = dict(target.finalize(art, tmp, cfg))  # {"model_file": ..., other engine.json keys}
         shutil.copyfile(tokenizer_file, tmp / "tokenizer.json")
         spec = {
@@ -279,6 +348,10 @@ def compile_engine(
             spec["ov_precision_hint"] = cfg.ov_precision_hint
         (tmp / ENGINE_FILE).write_text(json.dumps(spec, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         measured = verify_engine(tmp, model, tok, verify_pairs, prompts=dict(mcfg.prompts), dim=dim, cfg=cfg)
+        if hasattr(target, "bundle_verification"):  # TensorRT: inputs + references for the plan's own check
+            with __import__("torch").no_grad():
+                art.info["plan_verification"] = target.bundle_verification(
+                    tmp, model, tok, verify_pairs, cfg, dim, measured["thresholds"])
         file_hashes = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*"))
                        if p.is_file() and p.name != "manifest.json"}
         file_bytes = {rel: (tmp / rel).stat().st_size for rel in file_hashes}  # checked at load (moe2edge._integrity)
@@ -289,7 +362,7 @@ def compile_engine(
                        "num_experts": mcfg.num_experts if mcfg.moe_layers else 0,
                        "top_k": getattr(mcfg, "moe_top_k", 0)},
             "target": cfg.target, "precision": cfg.precision, "dim": dim, "config": cfg.to_dict(),
-            "artifact": art.info, "calibration": calib_info, "verification_data": vdata,
+            "artifact": art.info, "calibration": calib_info, "text_sets": sets_info, "verification_data": vdata,
             "versions": versions(), "files": file_hashes, "file_bytes": file_bytes,
         }
         manifest = {
@@ -300,6 +373,7 @@ def compile_engine(
                       "seconds": round(time.perf_counter() - t_start, 1), "host": platform.node()},
         }
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    log.info("built %s: %s %s, cos mean %.6f / min %.6f, nDCG@10 delta %+.4f", out_dir, cfg.target, cfg.precision,
-             measured["cos_mean"], measured["cos_min"], measured["ndcg@10_delta"])
+    log.info("built %s: %s %s, cos mean %.6f / min %.6f, max-abs %.2g, SQNR %.1f dB, nDCG@10 delta %+.4f", out_dir,
+             cfg.target, cfg.precision, measured["cos_mean"], measured["cos_min"], measured["max_abs"],
+             measured["sqnr_db"], measured["ndcg@10_delta"])
     return manifest

@@ -8,14 +8,15 @@ symmetric QDQ, each MatMul quantised alone): layer 0's FFN down-projection alone
 (TensorRT/Polygraphy layer precisions, NNCF accuracy control, ModelOpt's disabled quantizers) is a
 mixed-precision fallback; this module searches it:
 
-1. quantise everything quantisable; run the quantised and the float graph on *probe* batches (the
-   calibration text, never the verification set, so verification stays an independent check);
-2. if cosine min < ``target``: for every group of MatMuls (one transformer sub-layer: e.g. all 8
-   experts' up-projections of one MoE layer are one group) quantise with that group left in float
-   and record the probe cosine min -- the group's sensitivity;
-3. leave groups in float, most sensitive first, until the probe cosine min reaches ``target`` or
-   ``max_groups`` are used. The result (groups kept in float, every measured cosine) goes into the
-   manifest.
+1. quantise everything quantisable; run the quantised and the float graph on *probe* batches (their
+   own source-package groups: neither calibration nor verification text, so verification stays an
+   independent check);
+2. if the probe gate fails (``targets.gates.probe_gate``: the INT8 gates -- cosine min, set SQNR --
+   minus the gap measured between the probe's two halves): for every group of MatMuls (one
+   transformer sub-layer: e.g. all 8 experts' up-projections of one MoE layer are one group)
+   quantise with that group left in float and record the probe score -- the group's sensitivity;
+3. leave groups in float, most sensitive first, until the probe gate passes or ``max_groups`` are
+   used. The result (groups kept in float, every measured score) goes into the manifest.
 
 ``quantize(exclude) -> path`` must be cheap to call repeatedly: the static quantisers pass an ORT
 calibration cache so the activation ranges are computed once.
@@ -30,14 +31,15 @@ from typing import Callable
 
 import numpy as np
 
+from moe2edge.targets.gates import cosines, probe_gate
+
 log = logging.getLogger(__name__)
 
 
 def cos_min(ref: np.ndarray, got: np.ndarray) -> float:
     if not np.isfinite(got).all():
         return float("-inf")
-    cos = (ref * got).sum(1) / np.maximum(np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1), 1e-12)
-    return float(cos.min())
+    return float(cosines(ref, got).min())
 
 
 def _module_name(node, weight: str | None, consumers: dict, inits: set) -> str:
@@ -86,21 +88,23 @@ def probe_embeddings(path: str | Path, batches) -> np.ndarray:
 
 
 def search(*, quantize: Callable[[list[str]], Path], reference: np.ndarray, run: Callable[[Path], np.ndarray],
-           groups: dict[str, list[str]], base_exclude: list[str], target: float,
+           groups: dict[str, list[str]], base_exclude: list[str], gate: Callable[[np.ndarray, np.ndarray], dict],
            max_groups: int) -> tuple[list[str], dict]:
-    """-> (nodes to exclude, report). ``reference``: the float graph's probe embeddings."""
-    def measure(extra: list[str]) -> float:
-        return cos_min(reference, run(quantize(base_exclude + extra)))
+    """-> (nodes to exclude, report). ``reference``: the float graph's probe embeddings; ``gate(reference,
+    got) -> {"score_db", "passed", "cos_min", ...}`` (``targets.gates.probe_gate``): higher score is better."""
+    def measure(extra: list[str]) -> dict:
+        return gate(reference, run(quantize(base_exclude + extra)))
 
-    report: dict = {"target_probe_cos_min": target, "probe_texts": int(len(reference)), "groups": len(groups)}
+    report: dict = {"probe_texts": int(len(reference)), "groups": len(groups)}
     full = measure([])
-    report["all_quantized_probe_cos_min"] = round(full, 6)
-    if full >= target or max_groups <= 0 or not groups:
-        report.update(kept_float=[], final_probe_cos_min=round(full, 6))
+    report["all_quantized"] = full
+    report["all_quantized_probe_cos_min"] = full["cos_min"]
+    if full["passed"] or max_groups <= 0 or not groups:
+        report.update(kept_float=[], final=full, final_probe_cos_min=full["cos_min"], reached=full["passed"])
         return list(base_exclude), report
-    sens = {k: measure(v) for k, v in groups.items()}  # probe cos min with only group k in float
-    order = sorted(sens, key=lambda k: -sens[k])
-    report["sensitivity_probe_cos_min_if_float"] = {k: round(sens[k], 6) for k in order}
+    sens = {k: measure(v) for k, v in groups.items()}  # the probe gate with only group k in float
+    order = sorted(sens, key=lambda k: -sens[k]["score_db"])
+    report["sensitivity_score_db_if_float"] = {k: sens[k]["score_db"] for k in order}
     kept: list[str] = []
     extra: list[str] = []
     got = full
@@ -108,27 +112,36 @@ def search(*, quantize: Callable[[list[str]], Path], reference: np.ndarray, run:
         kept.append(k)
         extra += groups[k]
         got = measure(extra)
-        log.info("INT8 fallback: %s in float -> probe cosine min %.5f", k, got)
-        if got >= target:
+        log.info("INT8 fallback: %s in float -> probe cosine min %.5f, SQNR %.2f dB, score %+.2f dB", k,
+                 got["cos_min"], got.get("sqnr_db", float("nan")), got["score_db"])
+        if got["passed"]:
             break
-    report.update(kept_float=kept, final_probe_cos_min=round(got, 6), reached=got >= target)
+    report.update(kept_float=kept, final=got, final_probe_cos_min=got["cos_min"], reached=got["passed"])
     return list(base_exclude) + extra, report
 
 
 def quantize_accuracy_aware(src: Path, dst: Path, calibration, cfg, *, base_exclude: list[str],
-                            quantize_to: Callable[[list[str], Path], dict]) -> dict:
+                            quantize_to: Callable[[list[str], Path], dict], probe=None) -> dict:
     """Quantise ``src`` into ``dst`` with ``quantize_to(exclude, path) -> settings``, leaving the most
-    sensitive MatMul groups in float until the probe cosine min reaches ``cfg.int8_cos_min +
-    cfg.int8_fallback_margin`` (``cfg``: a CompileConfig); -> settings with the search report under
-    ``"fallback"``."""
+    sensitive MatMul groups in float until the INT8 gates of ``cfg`` (a CompileConfig) pass on the probe
+    set with the margin of ``targets.gates.probe_gate``; -> settings with the search report under
+    ``"fallback"``. ``probe``: ``(batches_a, batches_b)``, two halves of disjoint source-package groups,
+    disjoint from calibration and verification (``build.compile_engine`` makes them); None falls back
+    to the calibration batches (not independent: a warning)."""
     import onnx
 
     from moe2edge.targets.onnx_graph import matmul_nodes
 
     g = onnx.load(str(src), load_external_data=False)
     candidates = [r["name"] for r in matmul_nodes(g) if r["weight"] is not None and r["name"] not in base_exclude]
-    probe = list(calibration)[: max(1, cfg.int8_fallback_probe_batches)]
-    reference = probe_embeddings(src, probe)
+    if probe is None:
+        log.warning("INT8 fallback: no probe set given; probing on calibration batches (not independent of them)")
+        cal = list(calibration)[: max(1, cfg.int8_fallback_probe_batches)]
+        probe = (cal[: len(cal) // 2], cal[len(cal) // 2:])
+    batches_a, batches_b = list(probe[0]), list(probe[1])
+    batches = batches_a + batches_b
+    reference = probe_embeddings(src, batches)
+    n_a = sum(len(ids) for ids, _ in batches_a)
     trial = dst.parent / "fallback-trial.onnx"
     last: dict = {}
 
@@ -136,9 +149,14 @@ def quantize_accuracy_aware(src: Path, dst: Path, calibration, cfg, *, base_excl
         last.update(exclude=sorted(exclude), settings=quantize_to(exclude, trial))
         return trial
 
-    exclude, report = search(quantize=quantize, reference=reference, run=lambda p: probe_embeddings(p, probe),
-                             groups=matmul_groups(g, candidates), base_exclude=list(base_exclude),
-                             target=cfg.int8_cos_min + cfg.int8_fallback_margin, max_groups=cfg.int8_fallback_groups)
+    def gate(ref, got):
+        return probe_gate(ref, got, n_a, cos_min=cfg.int8_cos_min, sqnr=cfg.int8_sqnr_db)
+
+    exclude, report = search(quantize=quantize, reference=reference, run=lambda p: probe_embeddings(p, batches),
+                             groups=matmul_groups(g, candidates), base_exclude=list(base_exclude), gate=gate,
+                             max_groups=cfg.int8_fallback_groups)
+    report.update(probe_halves=[n_a, len(reference) - n_a], gate="INT8 gates on the probe set minus the gap "
+                  "between its two halves (targets/gates.probe_gate)")
     if last.get("exclude") == sorted(exclude):  # the search's last trial is the answer: keep it
         trial.replace(dst)
         settings = last["settings"]

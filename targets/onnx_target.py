@@ -8,9 +8,9 @@ INT8 has two flavours (``CompileConfig.ort_quant``), both on MatMul weights only
   activations x int8 symmetric per-channel weights (ORT CPU's QDQ pair, VNNI u8s8); the FFN
   down-projections (post-GELU input) stay fp32 by default (``static_skip_post_gelu``).
 
-Both flavours go through the accuracy-aware search of ``targets/fallback.py``: when the probe cosine
-on calibration text is below ``int8_cos_min + int8_fallback_margin``, the most sensitive sub-layers
-stay in float (recorded in the manifest under ``quantizer.fallback``).
+Both flavours go through the accuracy-aware search of ``targets/fallback.py``: when the INT8 gates
+fail on the probe set (its own package groups, with a margin measured between its halves), the most
+sensitive sub-layers stay in float (recorded in the manifest under ``quantizer.fallback``).
 
 Never quantised: the MoE router (a flipped top-k moves a token to another expert), activation x
 activation MatMuls (QK^T, PV: softmax probabilities and the additive -inf mask path), and the
@@ -126,7 +126,7 @@ class OnnxTarget:
         return Artifact(path, "onnx", "fp32", {"exporter": "torch.onnx.export(dynamo=True)", "opset": cfg.opset,
                                                "routing": "all-experts" if cfg.all_experts else "sparse"})
 
-    def quantize(self, exported: Artifact, calibration, cfg: CompileConfig) -> Artifact:
+    def quantize(self, exported: Artifact, calibration, cfg: CompileConfig, *, probe=None) -> Artifact:
         from moe2edge.targets.onnx_graph import check_no_qdq_on_mask, preoptimize, qdq_summary
 
         import onnx
@@ -150,7 +150,8 @@ class OnnxTarget:
                                  op_types_to_quantize=["MatMul"], nodes_to_exclude=excl)
                 return {"method": "onnxruntime.quantize_dynamic", "per_channel": True, "weight_type": "QInt8",
                         "op_types_to_quantize": ["MatMul"], "nodes_to_exclude": sorted(excl)}
-        settings = quantize_accuracy_aware(src, dst, calibration, cfg, base_exclude=exclude, quantize_to=quantize_to)
+        settings = quantize_accuracy_aware(src, dst, calibration, cfg, base_exclude=exclude, quantize_to=quantize_to,
+                                           probe=probe)
         q = onnx.load(str(dst))
         check_no_qdq_on_mask(q)
         settings.update(preoptimized=cfg.ort_preoptimize, graph=info, nodes=qdq_summary(q))

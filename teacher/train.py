@@ -221,7 +221,10 @@ class StepResult:
 
 @dataclass
 class Trainer:
-    """Train ``embedder.model`` on pairs. ``extra_loss(q_pooled, d_pooled, batch)`` hooks distillation."""
+    """Train ``embedder.model`` on pairs. ``extra_loss(q_pooled, d_pooled, batch)`` hooks distillation;
+    ``extra_params`` (e.g. the distiller's projection head) train with the model: same optimizer and
+    schedule (no weight decay), same start on every rank, gradients averaged over ranks as DDP does
+    for the model's (outside DDP's module, so without the all-reduce they would diverge)."""
 
     embedder: Embedder
     cfg: TrainConfig
@@ -229,6 +232,7 @@ class Trainer:
     extra_loss: Callable | None = None
     history: list[dict] = field(default_factory=list)
     force_output: bool = False  # checkpoints may replace folders this tool did not write (--force)
+    extra_params: list = field(default_factory=list)
 
     def __post_init__(self):
         from moe2edge._malloc import tune_malloc
@@ -252,8 +256,15 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.ddp = DDP(PairEncoder(self.model), device_ids=[self.device.index] if self.device.type == "cuda" else None)
-        self.opt = torch.optim.AdamW(param_groups(self.model, self.cfg.weight_decay), lr=self.cfg.lr,
-                                     betas=self.cfg.betas)
+        self.extra_params = [p for p in self.extra_params if p.requires_grad]
+        groups = param_groups(self.model, self.cfg.weight_decay)
+        if self.extra_params:
+            groups.append({"params": self.extra_params, "weight_decay": 0.0})
+            if self.world > 1:  # DDP broadcasts the model from rank 0; do the same for these
+                with torch.no_grad():
+                    for p in self.extra_params:
+                        dist.broadcast(p.data, src=0)
+        self.opt = torch.optim.AdamW(groups, lr=self.cfg.lr, betas=self.cfg.betas)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(self.cfg))
         self.step = 0
 
@@ -347,13 +358,25 @@ class Trainer:
         d_ids, d_mask = self._tok(d_texts, self.cfg.doc_prompt, self.cfg.doc_max_len)
         tokens = int(q_mask.sum() + d_mask.sum())
         if self.cfg.grad_cache_chunk:
-            return self._grad_cache_step(local, q_ids, q_mask, d_ids, d_mask, tokens)
-        (q_pooled, sq), (d_pooled, sd) = self._encode(q_ids, q_mask, d_ids, d_mask)
-        total, contrastive = self._loss_from_pooled(q_pooled, d_pooled, local)
-        aux = self._aux(sq, sd)
-        (self._scale() * (total + aux)).backward()
-        load = expert_load(sq + sd).cpu().numpy() if sq else None
-        return StepResult(total.item(), contrastive.item(), aux.item(), tokens, load)
+            res = self._grad_cache_step(local, q_ids, q_mask, d_ids, d_mask, tokens)
+        else:
+            (q_pooled, sq), (d_pooled, sd) = self._encode(q_ids, q_mask, d_ids, d_mask)
+            total, contrastive = self._loss_from_pooled(q_pooled, d_pooled, local)
+            aux = self._aux(sq, sd)
+            (self._scale() * (total + aux)).backward()
+            load = expert_load(sq + sd).cpu().numpy() if sq else None
+            res = StepResult(total.item(), contrastive.item(), aux.item(), tokens, load)
+        self._average_extra_grads()
+        return res
+
+    def _average_extra_grads(self) -> None:
+        """Mean of the extra parameters' gradients over ranks (DDP's rule for the model's)."""
+        if self.world == 1:
+            return
+        for p in self.extra_params:
+            g = p.grad if p.grad is not None else torch.zeros_like(p)
+            dist.all_reduce(g)
+            p.grad = g / self.world
 
     def _grad_cache_step(self, local, q_ids, q_mask, d_ids, d_mask, tokens) -> StepResult:
         C = self.cfg.grad_cache_chunk

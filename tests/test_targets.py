@@ -24,39 +24,73 @@ from moe2edge.targets.base import CompileConfig  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def small_moe(tmp_path_factory):
-    """(model, checkpoint dir): MiniLM layers 0-1, upcycled (MoE at layer 1, 4 experts, top-2)."""
+FIXTURE_STATUS = ROOT / "tests" / "fixtures" / "dpkg-status.gz"  # 353 real Debian descriptions, 189 groups
+
+
+def check_routing(model, texts, tok, *, min_share=0.1, min_mass=0.8, min_expert_gap=0.05):
+    """Assert that ``model``'s MoE layers really route on ``texts``: every expert gets >= ``min_share`` of
+    the picks, the top-k gate mass is far from uniform (mean >= ``min_mass``; 4-way uniform top-2 is 0.5)
+    and experts differ (relative output difference >= ``min_expert_gap`` between any two)."""
+    from moe2edge.teacher.upcycling import expert_diversity
+
+    rep = expert_diversity(model, *tok(texts)[:2])
+    assert rep, "no MoE layer"
+    for r in rep:
+        assert min(r["expert_share"]) >= min_share, r
+        assert r["topk_mass_mean"] >= min_mass, r
+        assert r["expert_gap_min"] >= min_expert_gap, r
+    return rep
+
+
+def _small_moe(tmp_path_factory, *, distinct: bool):
     from moe2edge.teacher import load_embedder, minilm_path, upcycle
+    from moe2edge.teacher.checkpoint import load_pretrained
     from moe2edge.teacher.embedder import Embedder
+    from moe2edge.teacher.upcycling import diversify_experts
 
     torch.manual_seed(0)
     d = load_embedder(minilm_path())
     d.model.encoder.layers = torch.nn.ModuleList(list(d.model.encoder.layers)[:2])
     d.model.config = d.model.config.replace(num_layers=2, max_seq_length=64)
     moe = upcycle(d.model, num_experts=4, top_k=2).eval()
-    ckpt = tmp_path_factory.mktemp("ckpt") / "small-moe"
+    if distinct:
+        diversify_experts(moe)
+    ckpt = tmp_path_factory.mktemp("ckpt") / ("small-moe" if distinct else "small-moe-copies")
     Embedder(moe, d.tokenizer).save(ckpt)
-    from moe2edge.teacher.checkpoint import load_pretrained
-
     return load_pretrained(ckpt), ckpt
 
 
 @pytest.fixture(scope="module")
+def small_moe(tmp_path_factory):
+    """(model, checkpoint dir): MiniLM layers 0-1, upcycled (MoE at layer 1, 4 experts, top-2), experts made
+    distinct and the router decisive (``diversify_experts``; asserted: a wrong expert shows)."""
+    from moe2edge.data.installed import read_descriptions
+    from moe2edge.targets.runtime import Tokenizer
+
+    model, ckpt = _small_moe(tmp_path_factory, distinct=True)
+    tok = Tokenizer(ckpt / "tokenizer.json", max_length=64, pad_id=0)
+    check_routing(model, [t for d in read_descriptions(FIXTURE_STATUS)[:60] for t in (d.short, d.long)], tok)
+    return model, ckpt
+
+
+@pytest.fixture(scope="module")
 def pairs():
-    from moe2edge.data.installed import installed_descriptions
+    """(verification pairs, calibration texts, probe halves) from the committed fixture: disjoint
+    source-package groups (data/textsets.py)."""
+    from moe2edge.data.installed import installed_text_sets
 
-    allp = installed_descriptions(limit=None)
-    if len(allp) < 120:
-        pytest.skip("needs >= 120 package descriptions in /var/lib/dpkg/status")
-    return allp[0::2][:24], [t for p in allp[1::2][:48] for t in p]
+    sets, rep = installed_text_sets(FIXTURE_STATUS)
+    assert not any(rep["leakage"].values())
+    probe = sets["probe"]
+    return ([(d.short, d.long) for d in sets["verify"][:24]], [t for d in sets["calibration"][:48] for t in (d.short, d.long)],
+            ([t for d in probe[0:48:2] for t in (d.short, d.long)], [t for d in probe[1:48:2] for t in (d.short, d.long)]))
 
 
-def _compile(model, ckpt, out, cfg, pairs, calib=None):
+def _compile(model, ckpt, out, cfg, pairs, calib=None, probe=None, **kw):
     from moe2edge.targets.build import compile_engine
 
     return compile_engine(model=model, tokenizer_file=ckpt / "tokenizer.json", out_dir=out, cfg=cfg,
-                          verify_pairs=pairs, calibration_texts=calib, source_hash="test")
+                          verify_pairs=pairs, calibration_texts=calib, probe_texts=probe, source_hash="test", **kw)
 
 
 @pytest.fixture(scope="module")
@@ -230,16 +264,21 @@ def test_fallback_search_leaves_the_most_sensitive_groups_in_float():
         angle = sum(sum(v) for k, v in err.items() if f"{k}.0" not in exclude)
         return np.tile([[np.cos(angle), np.sin(angle)]], (3, 1))
 
+    from moe2edge.targets.gates import probe_gate
+
+    def gate(r, g, target=float(np.cos(0.004))):
+        return probe_gate(r, g, 1, cos_min=target, sqnr=None)
+
     excl, rep = search(quantize=quantize, reference=ref, run=run, groups=groups, base_exclude=["router"],
-                       target=float(np.cos(0.004)), max_groups=3)
+                       gate=gate, max_groups=3)
     assert rep["kept_float"] == ["b", "c"] and rep["reached"]  # b first (worst), then c; a and d stay int8
     assert sorted(excl) == ["b.0", "b.1", "c.0", "c.1", "router"]
     assert rep["all_quantized_probe_cos_min"] < rep["final_probe_cos_min"]
     assert all("router" in c for c in calls)  # the base exclusions are never quantised
     # Already good enough: no search at all.
     excl, rep = search(quantize=quantize, reference=ref, run=run, groups=groups, base_exclude=[],
-                       target=0.0, max_groups=3)
-    assert excl == [] and rep["kept_float"] == [] and "sensitivity_probe_cos_min_if_float" not in rep
+                       gate=lambda r, g: gate(r, g, 0.0), max_groups=3)
+    assert excl == [] and rep["kept_float"] == [] and "sensitivity_score_db_if_float" not in rep
 
 
 def test_fallback_groups_name_modules_and_merge_experts(onnx_fp32):
@@ -260,22 +299,37 @@ def test_fallback_groups_name_modules_and_merge_experts(onnx_fp32):
 def test_tensorrt_fallback_reaches_a_stricter_threshold(small_moe, pairs, tmp_path, cached_export):
     """With a stricter cosine target the compile leaves sensitive sub-layers in float instead of failing."""
     model, ckpt = small_moe
-    cfg = CompileConfig(target="tensorrt", precision="int8", int8_cos_min=0.986, int8_fallback_margin=0.002,
-                        static_skip_post_gelu=False)  # all quantised: probe cos min 0.94 on this model
+    cfg = CompileConfig(target="tensorrt", precision="int8", int8_cos_min=0.986,
+                        static_skip_post_gelu=False)  # all quantised: the probe gate fails on this model
     man = _compile(model, ckpt, tmp_path / "trt", cfg, *pairs)
     fb = man["identity"]["artifact"]["quantizer"]["fallback"]
-    assert fb["all_quantized_probe_cos_min"] < 0.988 <= fb["final_probe_cos_min"]
+    assert not fb["all_quantized"]["passed"] and fb["final"]["passed"] and fb["reached"]
+    assert fb["all_quantized"]["score_db"] < 0 <= fb["final"]["score_db"]
+    assert fb["final"]["cos_min"] >= 0.986 and fb["probe_halves"][0] > 0 and fb["probe_halves"][1] > 0
     assert 0 < len(fb["kept_float"]) < fb["groups"] and man["parity"]["cos_min"] >= 0.986
-    assert fb["kept_float"][0] == max(fb["sensitivity_probe_cos_min_if_float"],
-                                      key=fb["sensitivity_probe_cos_min_if_float"].get)  # most sensitive first
+    assert fb["kept_float"][0] == max(fb["sensitivity_score_db_if_float"],
+                                      key=fb["sensitivity_score_db_if_float"].get)  # most sensitive first
     excluded = set(man["identity"]["artifact"]["quantizer"]["nodes_to_exclude"])
     assert len(excluded) > man["identity"]["artifact"]["quantizer"]["graph"]["excluded_router"]
 
 
 @pytest.mark.gpu
-def test_tensorrt_engine_build():
+def test_tensorrt_engine_build(small_moe, pairs, tmp_path):
+    """On a GPU machine: build_engine.py builds and verifies the plan; the runtime then runs it."""
     if not targets.get("tensorrt").is_available():
         pytest.skip("needs tensorrt and a CUDA GPU")
+    model, ckpt = small_moe
+    out = tmp_path / "trt"
+    _compile(model, ckpt, out, CompileConfig(target="tensorrt", precision="int8"), *pairs)
+    r = subprocess.run([sys.executable, str(out / "build_engine.py")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads((out / "manifest.json").read_text())["tensorrt_plan"]
+    assert rec["passed"] and rec["verification"]["vs_pytorch"]["cos_min"] >= 0.99
+    from moe2edge.targets.runtime import TensorRTEngine, load_engine
+
+    eng = load_engine(out)
+    assert isinstance(eng.engine, TensorRTEngine)
+    assert eng.encode(["a web browser"]).shape == (1, 384)
 
 
 # ------------------------------------------------------------------------------------ errors
@@ -367,8 +421,10 @@ def test_cli_compile_openvino_int8(small_moe, pairs, tmp_path, capsys, cached_ex
 
     out = tmp_path / "ov-int8"
     (tmp_path / "calib.txt").write_text("\n".join(t.replace("\n", " ") for t in pairs[1]), encoding="utf-8")
+    (tmp_path / "verify.jsonl").write_text("".join(json.dumps({"query": q, "document": d}) + "\n" for q, d in pairs[0]),
+                                           encoding="utf-8")
     rc = main(["compile", "--model", str(small_moe[1]), "--target", "openvino", "--int8", "--calibration",
-               str(tmp_path / "calib.txt"), "--out", str(out), "--verify-pairs", "24"])
+               str(tmp_path / "calib.txt"), "--out", str(out), "--verify-file", str(tmp_path / "verify.jsonl")])
     assert rc == 0, capsys.readouterr().err
     man = json.loads((out / "manifest.json").read_text())
     assert man["parity"]["cos_min"] >= 0.99 and man["identity"]["artifact"]["quantizer"]["ignored_scope"]["router_matmuls"] == 1
@@ -437,9 +493,7 @@ def test_demo_stage_static_student_engine(tmp_path):
     t = load_embedder(minilm_path())
     t.model.encoder.layers = torch.nn.ModuleList(list(t.model.encoder.layers)[:1])
     t.model.config = t.model.config.replace(num_layers=1, max_seq_length=64)
-    rows = installed_descriptions(limit=40)
-    if len(rows) < 20:
-        pytest.skip("needs package descriptions in /var/lib/dpkg/status")
+    rows = installed_descriptions(FIXTURE_STATUS, limit=40)
     pairs = tmp_path / "pairs.jsonl"
     pairs.write_text("".join(json.dumps({"query": q, "positive": d, "language": "en"}) + "\n" for q, d in rows))
     ds = load_beir(FROZEN_BENCHMARK)

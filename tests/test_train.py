@@ -184,3 +184,75 @@ def test_activation_checkpointing_gives_the_same_gradients(pairs, monkeypatch):
     assert out[False].keys() == out[True].keys()
     for n in out[False]:
         assert (out[False][n] - out[True][n]).norm() <= 1e-9 * out[False][n].norm() + 1e-12, n
+
+
+# ------------------------------------------------------------------------------ distillation under DDP
+
+
+def _distill_rank(rank, world, port, pairs, steps, q):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        q.put((rank, _distill_proj(pairs, steps, seed=rank)))  # a different init per rank: rank 0's must win
+    finally:
+        dist.destroy_process_group()
+
+
+def _distill_proj(pairs, steps, seed=0):
+    """Distil a 32-d tiny student into a 64-d tiny teacher (so a projection head is trained); -> its weight
+    before and after."""
+    from moe2edge.student.distill import DistillLoss, distill
+
+    teacher = tiny_embedder(seed=100)
+    student = tiny_embedder(seed=7, hidden_size=32, intermediate_size=64, matryoshka_dims=(32, 16))
+    teacher.model.double()
+    student.model.double()
+    torch.manual_seed(seed)  # the projection's orthogonal init draws from here
+    import moe2edge.student.distill as sd
+
+    captured = {}
+    real = sd.Distiller.__init__
+
+    def init(self, *a, **k):
+        real(self, *a, **k)
+        self.proj.double()
+        captured["proj"], captured["start"] = self.proj, self.proj.weight.detach().numpy().copy()
+
+    sd.Distiller.__init__ = init
+    try:
+        distill(student, teacher, pairs, train=TrainConfig(steps=steps, batch_size=8, lr=1e-2, warmup_steps=0,
+                                                           loss_scale="none", query_max_len=16, doc_max_len=32),
+                loss=DistillLoss(similarity_weight=0.0), progress=False)  # KL: per-rank in-batch, not global
+    finally:
+        sd.Distiller.__init__ = real
+    return captured["start"], captured["proj"].weight.detach().numpy().copy()
+
+
+@pytest.mark.slow
+def test_distillation_projection_trains_under_ddp(pairs):
+    """2 gloo ranks: the projection head starts from rank 0's weights, its gradients are averaged, so both
+    ranks end with the same head -- equal to the single-process run on the same global batches."""
+    import socket
+
+    import numpy as np
+
+    steps = 2
+    start, single = _distill_proj(pairs[:16], steps)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [ctx.Process(target=_distill_rank, args=(r, 2, port, pairs[:16], steps, q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = {r: w[1] for r, w in (q.get(timeout=300) for _ in procs)}
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert not np.allclose(single, start)  # the head did train
+    np.testing.assert_array_equal(got[0], got[1])  # ranks identical
+    np.testing.assert_allclose(got[0], single, rtol=0, atol=1e-9)  # and equal to one process
