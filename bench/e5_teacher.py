@@ -236,7 +236,7 @@ def table(results: list[str], load_model: str | None) -> str:
     return "\n".join(out)
 
 
-def router_load(path: str, n_docs: int = 256) -> str:
+def router_load(path: str, n_docs: int = 64) -> str:
     """Fraction of top-2 assignments per expert, per MoE layer, on benchmark documents and queries."""
     import torch
 
