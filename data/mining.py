@@ -60,10 +60,15 @@ def mine_hard_negatives(pairs: list[Pair], encoder, *, num_negatives: int = 4, c
         raise ValueError(f"need 1 <= num_negatives ({num_negatives}) <= candidates ({candidates})")
     docs = sorted({p.positive for p in pairs})
     doc_index = {t: i for i, t in enumerate(docs)}
+    # A document paired with this very query elsewhere (Debian: the same short description paired with
+    # its translated long text and with the English one) is a positive, never a negative.
+    own: dict[str, set[int]] = {}
+    for p in pairs:
+        own.setdefault(p.query, set()).add(doc_index[p.positive])
     q = encoder.encode([p.query for p in pairs], prompt="search_query", batch_size=batch_size)
     d = encoder.encode(docs, prompt="search_document", batch_size=batch_size)
     out: list[Pair] = []
-    too_few = filtered_by_margin = 0
+    too_few = filtered_by_margin = same_query = 0
     for i in range(0, len(pairs), 512):
         scores = q[i : i + 512] @ d.T  # (b, N)
         top = np.argsort(-scores, axis=1, kind="stable")[:, : candidates + 1]
@@ -73,6 +78,9 @@ def mine_hard_negatives(pairs: list[Pair], encoder, *, num_negatives: int = 4, c
             negs = []
             for c in top[j]:
                 if c == pos:
+                    continue
+                if c in own[p.query]:
+                    same_query += 1
                     continue
                 if scores[j, c] >= margin * pos_score:  # likely a false negative: too close to the positive
                     filtered_by_margin += 1
@@ -85,10 +93,44 @@ def mine_hard_negatives(pairs: list[Pair], encoder, *, num_negatives: int = 4, c
                 continue
             out.append(Pair(p.query, p.positive, tuple(negs), p.language))
     stats = {"input": len(pairs), "kept": len(out), "dropped_too_few": too_few,
-             "candidates_over_margin": filtered_by_margin, "margin": margin, "num_negatives": num_negatives}
+             "candidates_over_margin": filtered_by_margin, "candidates_paired_with_query": same_query,
+             "margin": margin, "num_negatives": num_negatives}
     log.info("hard negatives: %d pairs with %d negatives each (%d dropped, %d candidates over the margin)",
              len(out), num_negatives, too_few, filtered_by_margin)
     return out, stats
+
+
+class CachedEncoder:
+    """Memoises ``encode`` per (prompt, text), so that filtering and mining the same pairs embed once."""
+
+    def __init__(self, encoder):
+        self.encoder, self.name = encoder, getattr(encoder, "name", type(encoder).__name__)
+        self._cache: dict[tuple[str | None, str], np.ndarray] = {}
+
+    def encode(self, texts, *, prompt=None, dim=None, batch_size=32):
+        if dim is not None:
+            raise ValueError("CachedEncoder caches full-dimension embeddings only")
+        todo = list(dict.fromkeys(t for t in texts if (prompt, t) not in self._cache))
+        if todo:
+            for t, e in zip(todo, self.encoder.encode(todo, prompt=prompt, batch_size=batch_size)):
+                self._cache[(prompt, t)] = e
+        return np.stack([self._cache[(prompt, t)] for t in texts]) if texts else np.zeros((0, 0), np.float32)
+
+
+def prepare_pairs(pairs: list[Pair], encoder, *, filter_top_k: int | None = 2, negatives: int = 0,
+                  candidates: int = 20, margin: float = 0.95, batch_size: int = 64) -> tuple[list[Pair], dict]:
+    """The paper's data steps in one pass: consistency filter, then hard-negative mining among the
+    kept pairs; each text is embedded once. Either step is skipped with ``filter_top_k=None`` /
+    ``negatives=0``."""
+    enc = CachedEncoder(encoder)
+    stats: dict = {"input": len(pairs)}
+    if filter_top_k:
+        pairs, stats["filter"] = consistency_filter(pairs, enc, top_k=filter_top_k, batch_size=batch_size)
+    if negatives:
+        pairs, stats["mine"] = mine_hard_negatives(pairs, enc, num_negatives=negatives, candidates=candidates,
+                                                   margin=margin, batch_size=batch_size)
+    stats["output"] = len(pairs)
+    return pairs, stats
 
 
 def write_pairs(path, pairs: list[Pair]) -> None:

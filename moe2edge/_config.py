@@ -80,4 +80,5 @@ def check_section(d, schema: dict, *, where: str) -> dict:
 
 
 # The "data" section shared by the teacher and student recipes (compile/recipes.load_training_pairs).
-DATA_SECTION = {"pairs": str, "languages": list[str] | None, "max_pairs": int | None, "seed": int}
+DATA_SECTION = {"pairs": str, "languages": list[str] | None, "max_pairs": int | None, "seed": int,
+                "prepare": dict | None}  # prepare: compile/recipes.py PREPARE_KEYS
