@@ -46,6 +46,13 @@ def register(sub) -> None:
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--latency-repeats", type=int, default=20,
                    help="timed calls at batch 1 (batch 32 uses a quarter, min 3) (default 20)")
+    p.add_argument("--precision", default="float32", metavar="LIST",
+                   help="also evaluate with the corpus embeddings quantised, comma-separated: int8, uint8 (scalar, "
+                   "ranges calibrated on the corpus and reused for the queries), binary, ubinary (packed sign bits, "
+                   "Hamming search); float32 is always evaluated. Each precision adds a result row with its index size")
+    p.add_argument("--rescore", type=int, default=0, metavar="N",
+                   help="with --precision: also rerank the top N quantised candidates with the float query "
+                   "(sentence-transformers' binary + rescore recipe; its top_k x rescore_multiplier, e.g. 40 = 10 x 4)")
     p.add_argument("--lenient", action="store_true",
                    help="skip malformed input lines (counted in the log) instead of failing on the first one")
     p.set_defaults(func=run)
@@ -106,6 +113,7 @@ def run(args) -> int:
     from moe2edge.data.readers import load_beir
 
     log = logging.getLogger("moe2edge.eval")
+    quant = _quantised_precisions(args.precision, args.rescore)
     ds = load_beir(args.data, split=args.split, strict=not args.lenient)
     if args.max_queries:
         ds = _subsample(ds, args.max_queries)
@@ -143,6 +151,13 @@ def run(args) -> int:
         res["env"] = ev.environment()
         runs.append(res)
         print(_row(res))
+        if kind == "dense" and quant:  # the same float embeddings, the corpus quantised
+            res["index"] = ev.index_info(len(emb[0]), emb[1].shape[1], "float32")
+            for prec in quant:
+                for n in dict.fromkeys([0, args.rescore]):
+                    qres = ev.evaluate_quantized(res, ds, emb, precision=prec, rescore=n)
+                    runs.append(qres)
+                    print(_row(qres))
     if args.out:
         write_json(args.out, {"schema": ev.SCHEMA, "runs": runs})
         print(f"wrote {args.out}")
@@ -151,6 +166,22 @@ def run(args) -> int:
         print(f"warning: {w}", file=sys.stderr)
     log.debug(json.dumps(runs)[:2000])
     return 0
+
+
+def _quantised_precisions(spec: str, rescore: int) -> list[str]:
+    """``--precision`` list -> the quantised precisions to add (float32 is always evaluated)."""
+    from moe2edge.data.quantize import PRECISIONS
+
+    names = [p.strip() for p in spec.split(",") if p.strip()]
+    bad = [p for p in names if p not in PRECISIONS]
+    if bad:
+        raise ValueError(f"--precision: unknown {', '.join(bad)}; choose from {', '.join(PRECISIONS)}")
+    if rescore < 0:
+        raise ValueError(f"--rescore must be >= 0, got {rescore}")
+    quant = [p for p in dict.fromkeys(names) if p != "float32"]
+    if rescore and not quant:
+        raise ValueError("--rescore reranks a quantised corpus: add --precision int8|ubinary|...")
+    return quant
 
 
 def _row(res: dict) -> str:
