@@ -14,7 +14,7 @@ import logging
 import sys
 
 # Order = order in --help. A module missing here would be a packaging bug, so import errors surface.
-COMMAND_MODULES = ["cmd_demo", "cmd_data", "cmd_teacher", "cmd_distill", "cmd_eval", "cmd_report", "cmd_embed", "cmd_compile", "cmd_bench"]
+COMMAND_MODULES = ["cmd_demo", "cmd_data", "cmd_teacher", "cmd_distill", "cmd_eval", "cmd_report", "cmd_embed", "cmd_compile", "cmd_export", "cmd_bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
