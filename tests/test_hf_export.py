@@ -20,14 +20,6 @@ PROMPTS = {"search_query": "search_query: ", "search_document": "search_document
 ATOL = 1e-5
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def texts():
     """Real text: package descriptions (short and long, so batches pad), one over max_seq_length, non-ASCII."""
@@ -49,25 +41,6 @@ def dense_ckpt(tmp_path_factory):
     ckpt = tmp_path_factory.mktemp("dense") / "student"
     e.save(ckpt)
     return ckpt
-
-
-class _Result:
-    def __init__(self, rc, out, err):
-        self.returncode, self.stdout, self.stderr = rc, out, err
-
-
-@pytest.fixture
-def moe2edge(capsys):
-    """The CLI in-process (HF_HUB_OFFLINE=1 from conftest): -> returncode, stdout, stderr."""
-    from moe2edge.compile.cli import main
-
-    def call(*args):
-        capsys.readouterr()
-        rc = main(list(args))
-        out, err = capsys.readouterr()
-        return _Result(rc, out, err)
-
-    return call
 
 
 def _assert_standard_folder_matches(out: Path, ckpt: Path, texts, prompts=PROMPTS):

@@ -189,25 +189,6 @@ def test_quantised_eval_matches_the_hand_computed_metrics():
 # ------------------------------------------------------------------------------------- CLI
 
 
-class _Result:
-    def __init__(self, rc, out, err):
-        self.returncode, self.stdout, self.stderr = rc, out, err
-
-
-@pytest.fixture
-def moe2edge(capsys):
-    """The CLI in-process (one torch import for the whole test): -> returncode, stdout, stderr."""
-    from moe2edge.compile.cli import main
-
-    def call(*args):
-        capsys.readouterr()
-        rc = main(list(args))
-        out, err = capsys.readouterr()
-        return _Result(rc, out, err)
-
-    return call
-
-
 def test_cli_precision_choices_are_the_module_precisions():
     from moe2edge.compile.cli import build_parser
 
