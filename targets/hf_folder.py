@@ -192,7 +192,13 @@ def verify_folder(model: nn.Module, folder: Path, texts: list[str], *, atol: flo
     transformers = require("transformers", extra="interop", purpose="verifying the standard folder")
     cfg = model.config
     hf_tok = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-    hf_model = transformers.AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # keep the CLI's output to its own lines
+    try:
+        hf_model = transformers.AutoModel.from_pretrained(str(folder), local_files_only=True).eval()
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     ours = Tokenizer(folder / "tokenizer.json", max_length=cfg.max_seq_length, pad_id=cfg.pad_token_id)
     max_abs, id_mismatch = 0.0, 0
     for s in range(0, len(texts), batch_size):  # file order, not length-sorted: batches carry real padding

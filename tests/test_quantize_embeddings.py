@@ -255,3 +255,19 @@ def test_cli_eval_adds_quantised_rows(tmp_path, moe2edge):
         assert x["metrics"]["overall"]["ndcg@10"] > runs[0]["metrics"]["overall"]["ndcg@10"] - 0.15
     r = moe2edge("eval", "--model", "bm25", "--data", str(tmp_path / "deb" / "benchmark"), "--precision", "int4")
     assert r.returncode == 2 and "--precision: unknown int4" in r.stderr
+
+
+def test_quantize_needs_no_torch(tmp_path):
+    """The edge runtime has no torch: quantising, saving ranges and searching must not import it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None\n"  # torch made unimportable
+            "import numpy as np\nfrom moe2edge.data import quantize as qz\n"
+            "e = np.random.default_rng(0).normal(size=(20, 16)).astype(np.float32)\n"
+            f"r = qz.load_ranges(qz.save_ranges({str(tmp_path / 'r.npy')!r}, qz.calibration_ranges(e)), 16)\n"
+            "c = qz.quantize(e, 'int8', ranges=r)\n"
+            "assert qz.search(e[:2], c, 'int8', 3, ranges=r, rescore=3).shape == (2, 3)\n"
+            "assert qz.search(e[:2], qz.quantize(e, 'ubinary'), 'ubinary', 3).shape == (2, 3)\nprint('ok')")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
