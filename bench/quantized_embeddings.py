@@ -7,7 +7,8 @@
 Each model encodes the corpus and the queries ONCE (float32, cached under --cache so the table can be
 rebuilt without encoding again); every precision is then the same embeddings with the corpus quantised
 (``moe2edge.data.quantize``; int8 ranges calibrated on the corpus and reused for the queries) and the
-queries quantised alike, exactly what ``moe2edge eval --precision ... --rescore N`` computes. Smaller
+queries quantised alike, exactly what ``moe2edge eval --precision ... --rescore N`` computes; int8 is
+scored both ways (raw code dot product as sentence-transformers' usearch search, and dequantised). Smaller
 Matryoshka dims come from the same cache (truncate the unit vectors, re-normalise: equal to truncating
 the pooled vector, since normalisation is scale-free). Prints a Markdown table; --out writes the JSON.
 """
@@ -25,7 +26,6 @@ import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
-PRECISIONS = ("float32", "int8", "ubinary")
 
 
 def _cache_key(model_path: str, ds) -> str:
@@ -94,13 +94,15 @@ def main(argv=None) -> int:
                                          precision="float32")
             base["model"]["name"] = name
             rows = [base]
-            for prec in PRECISIONS[1:]:
+            for prec, scoring in (("int8", "codes"), ("int8", "dequantized"), ("ubinary", None)):
                 for n in (0, args.rescore):
-                    rows.append(ev.evaluate_quantized(base, ds, emb, precision=prec, rescore=n))
+                    rows.append(ev.evaluate_quantized(base, ds, emb, precision=prec, rescore=n,
+                                                      int8_scoring=scoring or "dequantized"))
             ref = base["metrics"]
             for r in rows:
                 m = r["metrics"]
                 results.append({"model": name, "dim": dim, "precision": r["index"]["precision"],
+                                "int8_scoring": r["index"].get("int8_scoring"),
                                 "rescore": r["index"]["rescore"], "bytes_per_doc": r["index"]["bytes_per_doc"],
                                 "index_bytes": r["index"]["bytes"], "n_docs": r["index"]["n_docs"],
                                 "ndcg@10_en": m["per_language"]["en"]["ndcg@10"],
@@ -121,7 +123,8 @@ def markdown(rows) -> str:
     out = [f"| model | dim | precision | rescore | bytes/doc | index ({n} docs) | nDCG@10 en (retention) | "
            "nDCG@10 all (retention) | R@100 all |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        out.append(f"| {r['model']} | {r['dim']} | {r['precision']} | {r['rescore'] or '–'} | {r['bytes_per_doc']} | "
+        prec = r["precision"] + {"codes": " (codes, ST)", "dequantized": " (dequantised)"}.get(r.get("int8_scoring"), "")
+        out.append(f"| {r['model']} | {r['dim']} | {prec} | {r['rescore'] or '–'} | {r['bytes_per_doc']} | "
                    f"{r['index_bytes'] / 1024:.0f} KiB | {r['ndcg@10_en']:.4f} ({100 * r['retention_en']:.1f}%) | "
                    f"{r['ndcg@10_all']:.4f} ({100 * r['retention_all']:.1f}%) | {r['recall@100_all']:.4f} |")
     return "\n".join(out)

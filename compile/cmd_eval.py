@@ -53,6 +53,9 @@ def register(sub) -> None:
     p.add_argument("--rescore", type=int, default=0, metavar="N",
                    help="with --precision: also rerank the top N quantised candidates with the float query "
                    "(sentence-transformers' binary + rescore recipe; its top_k x rescore_multiplier, e.g. 40 = 10 x 4)")
+    p.add_argument("--int8-scoring", choices=("dequantized", "codes"), default="dequantized",
+                   help="int8/uint8 rows: inner product of the dequantised values (default) or of the raw codes "
+                   "(sentence-transformers' usearch ranking)")
     p.add_argument("--lenient", action="store_true",
                    help="skip malformed input lines (counted in the log) instead of failing on the first one")
     p.set_defaults(func=run)
@@ -155,7 +158,8 @@ def run(args) -> int:
             res["index"] = ev.index_info(len(emb[0]), emb[1].shape[1], "float32")
             for prec in quant:
                 for n in dict.fromkeys([0, args.rescore]):
-                    qres = ev.evaluate_quantized(res, ds, emb, precision=prec, rescore=n)
+                    qres = ev.evaluate_quantized(res, ds, emb, precision=prec, rescore=n,
+                                                 int8_scoring=args.int8_scoring)
                     runs.append(qres)
                     print(_row(qres))
     if args.out:

@@ -204,11 +204,12 @@ def index_info(n_docs: int, dim: int, precision: str, rescore: int = 0) -> dict:
 
 
 def evaluate_quantized(base: dict, ds: RetrievalDataset, embeddings, *, precision: str, rescore: int = 0,
-                       ranges: np.ndarray | None = None) -> dict:
+                       ranges: np.ndarray | None = None, int8_scoring: str = "dequantized") -> dict:
     """Retrieval with a quantised corpus: the same float embeddings as ``base`` (``evaluate_dense``'s
     result and its ``return_embeddings``), the corpus quantised to ``precision``, the queries quantised
     alike (int8/uint8: with the corpus's own ranges unless ``ranges`` is given), optionally the top
-    ``rescore`` candidates re-ranked with the float query (sentence-transformers' recipe)."""
+    ``rescore`` candidates re-ranked with the float query (sentence-transformers' recipe). ``int8_scoring``:
+    ``moe2edge.data.quantize.scores`` ("codes" = ST's usearch ranking of the raw codes)."""
     from moe2edge.data.quantize import SCALAR, calibration_ranges, quantize, search
 
     doc_ids, d, q, qids = embeddings
@@ -219,16 +220,20 @@ def evaluate_quantized(base: dict, ds: RetrievalDataset, embeddings, *, precisio
     codes = quantize(d, precision, ranges=ranges)
     tiebreak = np.empty(len(doc_ids), dtype=np.int64)
     tiebreak[np.argsort(np.asarray(doc_ids, dtype=object), kind="stable")] = np.arange(len(doc_ids))
-    idx = search(q, codes, precision, TOP_K, ranges=ranges, rescore=rescore, tiebreak=tiebreak)  # (Q, K)
+    idx = search(q, codes, precision, TOP_K, ranges=ranges, rescore=rescore, tiebreak=tiebreak,
+                 int8_scoring=int8_scoring)  # (Q, K)
     # Rank-based run scores keep the search's exact order (its ties already follow trec_eval's doc id rule).
     k = idx.shape[1]
     run = {qid: {doc_ids[j]: float(k - r) for r, j in enumerate(row)} for qid, row in zip(qids, idx.tolist())}
     timings = {"quantize_and_search": time.perf_counter() - t}
     info = dict(base["model"])
-    info["name"] = f"{info['name']} [{precision}{f'+rescore{rescore}' if rescore else ''}]"
+    codes_note = " codes" if precision in SCALAR and int8_scoring == "codes" else ""
+    info["name"] = f"{info['name']} [{precision}{codes_note}{f'+rescore{rescore}' if rescore else ''}]"
     res = _result(info, ds, qids, run, list(base.get("warnings", [])), timings)
     res["index"] = index_info(len(doc_ids), d.shape[1], precision, rescore)
     res["index"]["ranges"] = ranges_from
+    if precision in SCALAR:
+        res["index"]["int8_scoring"] = int8_scoring
     return res
 
 

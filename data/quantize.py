@@ -20,13 +20,17 @@ Semantics follow sentence-transformers' ``quantize_embeddings`` (5.3; equality t
   flattened array and reshapes, which equals packing per row when D % 8 == 0; for other D it would mix
   rows, so each row is padded with zero bits here.
 
-Scores (higher is better), as ST's search helpers (usearch / faiss) rank them:
+Scores (higher is better):
 
-* ``float32``: inner product; ``int8`` / ``uint8``: inner product of the integer codes (computed in
-  float64: every product and partial sum is an integer below 2^53, so the result is exact);
+* ``float32``: inner product; ``int8`` / ``uint8``: by default the inner product of the dequantised
+  values (``min + (code + offset) * step``, both sides), or with ``int8_scoring="codes"`` the inner
+  product of the raw integer codes as ST's usearch search ranks them (computed in float64: every
+  product and partial sum is an integer below 2^53, so it is exact) — see ``scores`` for why the
+  default differs;
 * ``binary`` / ``ubinary``: the number of equal bits (= bits - Hamming distance; popcount of XOR).
 * rescoring (ST's "binary + rescore" recipe): the top candidates of the quantised search are re-ranked
-  by the float query against their codes (int8 codes as integers, binary codes unpacked to 0/1).
+  by the float query against their codes (binary codes unpacked to 0/1; int8 codes dequantised, or as
+  integers with ``int8_scoring="codes"``).
 
 Dimension legend: N documents, Q queries, D embedding dim, B bytes per packed row (ceil(D / 8)).
 """
@@ -47,6 +51,7 @@ BINARY = ("binary", "ubinary")
 _CODE_RANGE = {"int8": (-128, 127), "uint8": (0, 255)}
 _OFFSET = {"int8": 128.0, "uint8": 0.0}
 MIN_CALIBRATION = 100  # ST warns below this many embeddings
+INT8_SCORING = ("dequantized", "codes")  # how int8/uint8 codes are compared (see ``scores``)
 
 
 def check_precision(precision: str) -> str:
@@ -176,28 +181,65 @@ def code_bytes(n: int, dim: int, precision: str) -> int:
 # -------------------------------------------------------------------------------------- search
 
 
-def scores(q_codes: np.ndarray, d_codes: np.ndarray, precision: str) -> np.ndarray:
-    """(Q, N) similarity of quantised queries to quantised documents (higher is better)."""
+def dequantize(codes: np.ndarray, precision: str, ranges: np.ndarray) -> np.ndarray:
+    """int8 / uint8 codes -> the values they stand for, ``min + (code + offset) * step`` (float64): within
+    one step of the original value (the cast truncates toward zero)."""
+    r = check_ranges(ranges, codes.shape[-1])
+    step = (r[1].astype(np.float64) - r[0]) / 255
+    return r[0] + (codes.astype(np.float64) + _OFFSET[precision]) * step
+
+
+def scores(q_codes: np.ndarray, d_codes: np.ndarray, precision: str, *, ranges: np.ndarray | None = None,
+           int8_scoring: str = "dequantized") -> np.ndarray:
+    """(Q, N) similarity of quantised queries to quantised documents (higher is better).
+
+    int8 / uint8: ``"dequantized"`` (default) = inner product of the values the codes stand for, written
+    as ``q_hat . a + (q_hat * step) . code_d`` (a = min + offset * step): one float-weighted pass over the
+    integer corpus codes, the same cost as a code dot product; ``"codes"`` = inner product of the raw
+    codes, as sentence-transformers' usearch search (``ip`` on ``i8``) ranks them. The raw code dot
+    centres every dimension on its range midpoint and weights it by 1 / step^2, which is not the
+    embedding geometry: measured on the MoE teacher it costs 4.5% of nDCG@10, dequantised 0% (docs/benchmarks.md).
+    """
     check_precision(precision)
     if q_codes.shape[1:] != d_codes.shape[1:]:
         raise ValueError(f"query codes {q_codes.shape} and document codes {d_codes.shape} differ in width")
     if precision == "float32":
         return q_codes.astype(np.float32) @ d_codes.astype(np.float32).T
     if precision in SCALAR:
-        return q_codes.astype(np.float64) @ d_codes.astype(np.float64).T  # exact: integers < 2^53
+        if int8_scoring not in INT8_SCORING:
+            raise ValueError(f"int8_scoring must be one of {', '.join(INT8_SCORING)}, got {int8_scoring!r}")
+        if int8_scoring == "codes":
+            return q_codes.astype(np.float64) @ d_codes.astype(np.float64).T  # exact: integers < 2^53
+        if ranges is None:
+            raise ValueError("dequantized int8 scoring needs the ranges")
+        return _dequantized_dot(dequantize(q_codes, precision, ranges), d_codes, precision, ranges)
     qb, db = _as_ubinary(q_codes), _as_ubinary(d_codes)
     nbits = 8 * qb.shape[1]
     ham = np.bitwise_count(qb[:, None, :] ^ db[None, :, :]).sum(-1, dtype=np.int64)  # (Q, N) Hamming
     return (nbits - ham).astype(np.float64)  # equal bits (zero padding bits agree: a constant)
 
 
-def rescore_scores(q_float: np.ndarray, cand_codes: np.ndarray, precision: str, dim: int) -> np.ndarray:
-    """ST's rescoring: float query (Q, D) . candidate codes (Q, C, B|D) as integers -> (Q, C)."""
+def _dequantized_dot(q: np.ndarray, d_codes: np.ndarray, precision: str, ranges: np.ndarray) -> np.ndarray:
+    """q (Q, D) float . dequantize(d_codes) without materialising the float corpus -> (Q, N)."""
+    r = ranges.astype(np.float64)
+    step = (r[1] - r[0]) / 255
+    a = r[0] + _OFFSET[precision] * step  # (D,): the value of code 0
+    return (q @ a)[:, None] + (q * step) @ d_codes.astype(np.float64).T
+
+
+def rescore_scores(q_float: np.ndarray, cand_codes: np.ndarray, precision: str, dim: int, *,
+                   ranges: np.ndarray | None = None, int8_scoring: str = "dequantized") -> np.ndarray:
+    """Float query (Q, D) against candidate codes (Q, C, B|D) -> (Q, C). ST's recipe: binary codes
+    unpacked to 0/1, int8 codes as integers (``int8_scoring="codes"``); by default int8 codes are
+    dequantised first (the float query against the values the codes stand for)."""
+    q = q_float.astype(np.float64)
     if precision in BINARY:
         c = np.unpackbits(_as_ubinary(cand_codes), axis=-1, count=dim)  # (Q, C, D) 0/1
+    elif int8_scoring == "dequantized":
+        c = dequantize(cand_codes, precision, ranges)  # (Q, C, D)
     else:
         c = cand_codes
-    return np.einsum("qd,qcd->qc", q_float.astype(np.float64), c.astype(np.float64))
+    return np.einsum("qd,qcd->qc", q, c.astype(np.float64))
 
 
 def _order(s: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
@@ -206,12 +248,14 @@ def _order(s: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
 
 
 def search(q_float: np.ndarray, d_codes: np.ndarray, precision: str, k: int, *, ranges: np.ndarray | None = None,
-           rescore: int = 0, tiebreak: np.ndarray | None = None, chunk: int = 256) -> np.ndarray:
+           rescore: int = 0, tiebreak: np.ndarray | None = None, int8_scoring: str = "dequantized",
+           chunk: int = 256) -> np.ndarray:
     """Top-``k`` document indices (Q, k') of an index of ``d_codes``, k' = min(k, N).
 
     The float queries are quantised like the corpus (``ranges``: the corpus's, for int8/uint8). With
     ``rescore = C > 0`` the top C candidates of the quantised ranking are re-ranked by the float query
-    against their codes and placed first; positions C+1.. keep the quantised order. Ties (binary
+    against their codes and placed first; positions C+1.. keep the quantised order. ``int8_scoring``:
+    see ``scores``. Ties (binary
     scores are integers) fall to ``tiebreak`` descending (default: index), the order trec_eval would use.
     """
     check_precision(precision)
@@ -227,12 +271,13 @@ def search(q_float: np.ndarray, d_codes: np.ndarray, precision: str, k: int, *, 
     if k == 0:
         return out
     for s in range(0, q_float.shape[0], chunk):
-        sc = scores(q_codes[s:s + chunk], d_codes, precision)  # (C, N)
+        sc = scores(q_codes[s:s + chunk], d_codes, precision, ranges=ranges, int8_scoring=int8_scoring)  # (C, N)
         order = _order(sc, tiebreak)  # (C, N)
         if rescore and precision != "float32":
             c = min(rescore, n)
             cand = order[:, :c]  # (C, c)
-            rs = rescore_scores(q_float[s:s + chunk], d_codes[cand], precision, dim)  # (C, c)
+            rs = rescore_scores(q_float[s:s + chunk], d_codes[cand], precision, dim, ranges=ranges,
+                                int8_scoring=int8_scoring)  # (C, c)
             reo = _order(rs, tiebreak[cand])
             order = np.concatenate([np.take_along_axis(cand, reo, axis=1), order[:, c:]], axis=1)
         out[s:s + chunk] = order[:, :k]
@@ -240,4 +285,5 @@ def search(q_float: np.ndarray, d_codes: np.ndarray, precision: str, k: int, *, 
 
 
 __all__ = ["PRECISIONS", "quantize", "calibration_ranges", "check_ranges", "save_ranges", "load_ranges",
-           "default_ranges_path", "unpack_bits", "code_bytes", "scores", "rescore_scores", "search"]
+           "default_ranges_path", "dequantize", "unpack_bits", "code_bytes", "scores", "rescore_scores", "search",
+           "INT8_SCORING"]

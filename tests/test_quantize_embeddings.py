@@ -127,11 +127,39 @@ def test_hand_computed_binary_and_int8_search():
 
     c = qz.quantize(D_I8, "int8", ranges=RANGES)
     assert c.tolist() == [[64, -64, 32], [32, 32, -32], [-64, 64, 64], [64, 0, 0]]
-    assert qz.scores(qz.quantize(Q_I8, "int8", ranges=RANGES), c, "int8").tolist() == [[0, 5120, -6144, 4096]]
-    assert qz.search(Q_I8, c, "int8", 3, ranges=RANGES).tolist() == [[1, 3, 0]]
+    cq = qz.quantize(Q_I8, "int8", ranges=RANGES)
+    assert qz.scores(cq, c, "int8", int8_scoring="codes").tolist() == [[0, 5120, -6144, 4096]]
+    # code 0 stands for 0 here (min + 128 * step = 0), so the dequantised dot is the code dot / 128^2
+    assert qz.scores(cq, c, "int8", ranges=RANGES).tolist() == [[0, 5120 / 16384, -6144 / 16384, 4096 / 16384]]
+    for scoring in qz.INT8_SCORING:
+        assert qz.search(Q_I8, c, "int8", 3, ranges=RANGES, int8_scoring=scoring).tolist() == [[1, 3, 0]]
     assert qz.quantize(np.array([[1.5, -2.0, 0.0]], dtype=np.float32), "int8", ranges=RANGES).tolist() == [[127, -128, 0]]
     with pytest.raises(ValueError, match="needs the corpus's ranges"):
         qz.search(Q_I8, c, "int8", 3)
+
+
+def test_int8_code_dot_and_dequantised_dot_disagree_by_hand():
+    """Ranges not centred on 0: the raw code dot (ST's usearch ranking) centres dimension 0 on its midpoint 1.0
+    and flips the order; the dequantised dot keeps the float order.
+      dim 0: min 0, max 1.9921875 (step 2^-7, code 0 = 1.0); dim 1: min -1, max 0.9921875 (code 0 = 0.0)
+      q  [1.5, 0.5]  -> codes [64, 64]
+      d0 [1.0, 0.75] -> codes [0, 96]:  code dot 6144, dequantised 1.5 * 1.0 + 0.5 * 0.75 = 1.875 (= float)
+      d1 [1.75, -.25]-> codes [96, -32]: code dot 4096, dequantised 2.625 - 0.125 = 2.5 (= float)"""
+    ranges = np.array([[0.0, -1.0], [1.9921875, 0.9921875]], dtype=np.float32)
+    q = np.array([[1.5, 0.5]], dtype=np.float32)
+    d = np.array([[1.0, 0.75], [1.75, -0.25]], dtype=np.float32)
+    c, cq = qz.quantize(d, "int8", ranges=ranges), qz.quantize(q, "int8", ranges=ranges)
+    assert c.tolist() == [[0, 96], [96, -32]] and cq.tolist() == [[64, 64]]
+    assert qz.scores(cq, c, "int8", int8_scoring="codes").tolist() == [[6144, 4096]]
+    assert qz.scores(cq, c, "int8", ranges=ranges).tolist() == [[1.875, 2.5]]
+    np.testing.assert_allclose(qz.dequantize(c, "int8", ranges), d)
+    assert qz.search(q, c, "int8", 2, ranges=ranges, int8_scoring="codes").tolist() == [[0, 1]]
+    assert qz.search(q, c, "int8", 2, ranges=ranges).tolist() == [[1, 0]]
+    # ST's rescoring, float query . integer codes: d0 1.5 * 0 + 0.5 * 96 = 48, d1 1.5 * 96 - 0.5 * 32 = 128
+    assert qz.rescore_scores(q, c[None], "int8", 2, int8_scoring="codes").tolist() == [[48, 128]]
+    assert qz.search(q, c, "int8", 2, ranges=ranges, int8_scoring="codes", rescore=2).tolist() == [[1, 0]]
+    with pytest.raises(ValueError, match="int8_scoring must be one of"):
+        qz.scores(cq, c, "int8", ranges=ranges, int8_scoring="float")
 
 
 def test_ties_fall_to_trec_eval_order():
@@ -177,8 +205,10 @@ def test_quantised_eval_matches_the_hand_computed_metrics():
 
     ds, enc = _dataset(Q_I8, D_I8, "d3")
     base, emb = evaluate_dense(enc, ds, return_embeddings=True)
-    res = evaluate_quantized(base, ds, emb, precision="int8", ranges=RANGES)  # d1, d3, d0, d2
-    assert res["metrics"]["overall"]["mrr@10"] == 0.5 and res["index"]["ranges"] == "given"
+    for scoring in ("dequantized", "codes"):
+        res = evaluate_quantized(base, ds, emb, precision="int8", ranges=RANGES, int8_scoring=scoring)  # d1, d3, ..
+        assert res["metrics"]["overall"]["mrr@10"] == 0.5 and res["index"]["ranges"] == "given"
+    assert res["model"]["name"] == "table [int8 codes]" and res["index"]["int8_scoring"] == "codes"
     assert res["index"]["bytes"] == 4 * 3 + 2 * 3 * 4  # codes + the float32 ranges
     # float32 through the quantised path is the float evaluation itself
     same = evaluate_quantized(base, ds, emb, precision="float32")
