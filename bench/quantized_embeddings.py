@@ -8,7 +8,8 @@ Each model encodes the corpus and the queries ONCE (float32, cached under --cach
 rebuilt without encoding again); every precision is then the same embeddings with the corpus quantised
 (``moe2edge.data.quantize``; int8 ranges calibrated on the corpus and reused for the queries) and the
 queries quantised alike, exactly what ``moe2edge eval --precision ... --rescore N`` computes; int8 is
-scored both ways (raw code dot product as sentence-transformers' usearch search, and dequantised). Smaller
+scored both ways (raw code dot product as sentence-transformers' usearch search, and dequantised), and
+binary is also rescored against int8 codes of the corpus (a binary index in memory, int8 on disk). Smaller
 Matryoshka dims come from the same cache (truncate the unit vectors, re-normalise: equal to truncating
 the pooled vector, since normalisation is scale-free). Prints a Markdown table; --out writes the JSON.
 """
@@ -98,11 +99,15 @@ def main(argv=None) -> int:
                 for n in (0, args.rescore):
                     rows.append(ev.evaluate_quantized(base, ds, emb, precision=prec, rescore=n,
                                                       int8_scoring=scoring or "dequantized"))
+            for n in dict.fromkeys((args.rescore, 100)):  # binary in memory, int8 codes on disk for the rerank
+                rows.append(ev.evaluate_quantized(base, ds, emb, precision="ubinary", rescore=n, rescore_with="int8"))
             ref = base["metrics"]
             for r in rows:
                 m = r["metrics"]
                 results.append({"model": name, "dim": dim, "precision": r["index"]["precision"],
                                 "int8_scoring": r["index"].get("int8_scoring"),
+                                "rescore_with": r["index"].get("rescore_with"),
+                                "rescore_bytes": r["index"].get("rescore_bytes"),
                                 "rescore": r["index"]["rescore"], "bytes_per_doc": r["index"]["bytes_per_doc"],
                                 "index_bytes": r["index"]["bytes"], "n_docs": r["index"]["n_docs"],
                                 "ndcg@10_en": m["per_language"]["en"]["ndcg@10"],
@@ -124,7 +129,9 @@ def markdown(rows) -> str:
            "nDCG@10 all (retention) | R@100 all |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         prec = r["precision"] + {"codes": " (codes, ST)", "dequantized": " (dequantised)"}.get(r.get("int8_scoring"), "")
-        out.append(f"| {r['model']} | {r['dim']} | {prec} | {r['rescore'] or '–'} | {r['bytes_per_doc']} | "
+        rs = (f"{r['rescore']} (int8 on disk: {r['rescore_bytes'] / 1024:.0f} KiB)" if r.get("rescore_with")
+              else r["rescore"] or "–")
+        out.append(f"| {r['model']} | {r['dim']} | {prec} | {rs} | {r['bytes_per_doc']} | "
                    f"{r['index_bytes'] / 1024:.0f} KiB | {r['ndcg@10_en']:.4f} ({100 * r['retention_en']:.1f}%) | "
                    f"{r['ndcg@10_all']:.4f} ({100 * r['retention_all']:.1f}%) | {r['recall@100_all']:.4f} |")
     return "\n".join(out)

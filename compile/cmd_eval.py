@@ -53,6 +53,9 @@ def register(sub) -> None:
     p.add_argument("--rescore", type=int, default=0, metavar="N",
                    help="with --precision: also rerank the top N quantised candidates with the float query "
                    "(sentence-transformers' binary + rescore recipe; its top_k x rescore_multiplier, e.g. 40 = 10 x 4)")
+    p.add_argument("--rescore-with", choices=("int8", "uint8", "float32"), default=None,
+                   help="with --rescore: rerank against the corpus quantised to this precision (e.g. int8 codes on disk "
+                   "beside a binary index) instead of the index's own codes")
     p.add_argument("--int8-scoring", choices=("dequantized", "codes"), default="dequantized",
                    help="int8/uint8 rows: inner product of the dequantised values (default) or of the raw codes "
                    "(sentence-transformers' usearch ranking)")
@@ -116,7 +119,7 @@ def run(args) -> int:
     from moe2edge.data.readers import load_beir
 
     log = logging.getLogger("moe2edge.eval")
-    quant = _quantised_precisions(args.precision, args.rescore)
+    quant = _quantised_precisions(args.precision, args.rescore, args.rescore_with)
     ds = load_beir(args.data, split=args.split, strict=not args.lenient)
     if args.max_queries:
         ds = _subsample(ds, args.max_queries)
@@ -159,7 +162,7 @@ def run(args) -> int:
             for prec in quant:
                 for n in dict.fromkeys([0, args.rescore]):
                     qres = ev.evaluate_quantized(res, ds, emb, precision=prec, rescore=n,
-                                                 int8_scoring=args.int8_scoring)
+                                                 int8_scoring=args.int8_scoring, rescore_with=args.rescore_with)
                     runs.append(qres)
                     print(_row(qres))
     if args.out:
@@ -172,7 +175,7 @@ def run(args) -> int:
     return 0
 
 
-def _quantised_precisions(spec: str, rescore: int) -> list[str]:
+def _quantised_precisions(spec: str, rescore: int, rescore_with: str | None = None) -> list[str]:
     """``--precision`` list -> the quantised precisions to add (float32 is always evaluated)."""
     from moe2edge.data.quantize import PRECISIONS
 
@@ -185,6 +188,8 @@ def _quantised_precisions(spec: str, rescore: int) -> list[str]:
     quant = [p for p in dict.fromkeys(names) if p != "float32"]
     if rescore and not quant:
         raise ValueError("--rescore reranks a quantised corpus: add --precision int8|ubinary|...")
+    if rescore_with and not rescore:
+        raise ValueError("--rescore-with needs --rescore N (how many candidates to rerank)")
     return quant
 
 

@@ -204,12 +204,15 @@ def index_info(n_docs: int, dim: int, precision: str, rescore: int = 0) -> dict:
 
 
 def evaluate_quantized(base: dict, ds: RetrievalDataset, embeddings, *, precision: str, rescore: int = 0,
-                       ranges: np.ndarray | None = None, int8_scoring: str = "dequantized") -> dict:
+                       ranges: np.ndarray | None = None, int8_scoring: str = "dequantized",
+                       rescore_with: str | None = None) -> dict:
     """Retrieval with a quantised corpus: the same float embeddings as ``base`` (``evaluate_dense``'s
     result and its ``return_embeddings``), the corpus quantised to ``precision``, the queries quantised
     alike (int8/uint8: with the corpus's own ranges unless ``ranges`` is given), optionally the top
     ``rescore`` candidates re-ranked with the float query (sentence-transformers' recipe). ``int8_scoring``:
-    ``moe2edge.data.quantize.scores`` ("codes" = ST's usearch ranking of the raw codes)."""
+    ``moe2edge.data.quantize.scores`` ("codes" = ST's usearch ranking of the raw codes). ``rescore_with``
+    ("int8"): rescore against the corpus quantised to that precision instead of the index's own codes
+    (a binary index in memory, int8 codes on disk); its bytes are reported as ``rescore_bytes``."""
     from moe2edge.data.quantize import SCALAR, calibration_ranges, quantize, search
 
     doc_ids, d, q, qids = embeddings
@@ -220,7 +223,11 @@ def evaluate_quantized(base: dict, ds: RetrievalDataset, embeddings, *, precisio
     codes = quantize(d, precision, ranges=ranges)
     tiebreak = np.empty(len(doc_ids), dtype=np.int64)
     tiebreak[np.argsort(np.asarray(doc_ids, dtype=object), kind="stable")] = np.arange(len(doc_ids))
-    idx = search(q, codes, precision, TOP_K, ranges=ranges, rescore=rescore, tiebreak=tiebreak,
+    extra = None
+    if rescore and rescore_with:
+        r_ranges = calibration_ranges(d) if rescore_with in SCALAR else None
+        extra = (quantize(d, rescore_with, ranges=r_ranges), rescore_with, r_ranges)
+    idx = search(q, codes, precision, TOP_K, ranges=ranges, rescore=rescore, rescore_with=extra, tiebreak=tiebreak,
                  int8_scoring=int8_scoring)  # (Q, K)
     # Rank-based run scores keep the search's exact order (its ties already follow trec_eval's doc id rule).
     k = idx.shape[1]
@@ -228,10 +235,14 @@ def evaluate_quantized(base: dict, ds: RetrievalDataset, embeddings, *, precisio
     timings = {"quantize_and_search": time.perf_counter() - t}
     info = dict(base["model"])
     codes_note = " codes" if precision in SCALAR and int8_scoring == "codes" else ""
-    info["name"] = f"{info['name']} [{precision}{codes_note}{f'+rescore{rescore}' if rescore else ''}]"
+    with_note = f"({rescore_with})" if extra else ""
+    info["name"] = f"{info['name']} [{precision}{codes_note}{f'+rescore{rescore}{with_note}' if rescore else ''}]"
     res = _result(info, ds, qids, run, list(base.get("warnings", [])), timings)
     res["index"] = index_info(len(doc_ids), d.shape[1], precision, rescore)
     res["index"]["ranges"] = ranges_from
+    if extra:
+        res["index"]["rescore_with"] = rescore_with
+        res["index"]["rescore_bytes"] = index_info(len(doc_ids), d.shape[1], rescore_with)["bytes"]
     if precision in SCALAR:
         res["index"]["int8_scoring"] = int8_scoring
     return res

@@ -235,7 +235,7 @@ def rescore_scores(q_float: np.ndarray, cand_codes: np.ndarray, precision: str, 
     q = q_float.astype(np.float64)
     if precision in BINARY:
         c = np.unpackbits(_as_ubinary(cand_codes), axis=-1, count=dim)  # (Q, C, D) 0/1
-    elif int8_scoring == "dequantized":
+    elif precision in SCALAR and int8_scoring == "dequantized":
         c = dequantize(cand_codes, precision, ranges)  # (Q, C, D)
     else:
         c = cand_codes
@@ -248,14 +248,16 @@ def _order(s: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
 
 
 def search(q_float: np.ndarray, d_codes: np.ndarray, precision: str, k: int, *, ranges: np.ndarray | None = None,
-           rescore: int = 0, tiebreak: np.ndarray | None = None, int8_scoring: str = "dequantized",
-           chunk: int = 256) -> np.ndarray:
+           rescore: int = 0, rescore_with: tuple | None = None, tiebreak: np.ndarray | None = None,
+           int8_scoring: str = "dequantized", chunk: int = 256) -> np.ndarray:
     """Top-``k`` document indices (Q, k') of an index of ``d_codes``, k' = min(k, N).
 
     The float queries are quantised like the corpus (``ranges``: the corpus's, for int8/uint8). With
     ``rescore = C > 0`` the top C candidates of the quantised ranking are re-ranked by the float query
-    against their codes and placed first; positions C+1.. keep the quantised order. ``int8_scoring``:
-    see ``scores``. Ties (binary
+    against their codes and placed first; positions C+1.. keep the quantised order. ``rescore_with =
+    (codes, precision, ranges)`` rescores against other codes of the same corpus instead, e.g. int8
+    codes kept on disk beside an in-memory binary index (sentence-transformers' binary + int8 demo).
+    ``int8_scoring``: see ``scores``. Ties (binary
     scores are integers) fall to ``tiebreak`` descending (default: index), the order trec_eval would use.
     """
     check_precision(precision)
@@ -267,6 +269,9 @@ def search(q_float: np.ndarray, d_codes: np.ndarray, precision: str, k: int, *, 
         raise ValueError(f"{precision} search needs the corpus's ranges (queries must be quantised alike)")
     q_codes = quantize(q_float, precision, ranges=ranges)
     dim = q_float.shape[1]
+    r_codes, r_prec, r_ranges = rescore_with or (d_codes, precision, ranges)
+    if r_codes.shape[0] != n:
+        raise ValueError(f"rescore codes cover {r_codes.shape[0]} documents, the index {n}")
     out = np.zeros((q_float.shape[0], k), dtype=np.int64)
     if k == 0:
         return out
@@ -276,7 +281,7 @@ def search(q_float: np.ndarray, d_codes: np.ndarray, precision: str, k: int, *, 
         if rescore and precision != "float32":
             c = min(rescore, n)
             cand = order[:, :c]  # (C, c)
-            rs = rescore_scores(q_float[s:s + chunk], d_codes[cand], precision, dim, ranges=ranges,
+            rs = rescore_scores(q_float[s:s + chunk], r_codes[cand], r_prec, dim, ranges=r_ranges,
                                 int8_scoring=int8_scoring)  # (C, c)
             reo = _order(rs, tiebreak[cand])
             order = np.concatenate([np.take_along_axis(cand, reo, axis=1), order[:, c:]], axis=1)

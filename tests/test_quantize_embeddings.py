@@ -124,6 +124,10 @@ def test_hand_computed_binary_and_int8_search():
     assert qz.search(Q_BIN, codes, "ubinary", 10).tolist() == [[0, 1, 3, 2]]
     assert qz.search(Q_BIN, codes, "ubinary", 10, rescore=2).tolist() == [[1, 0, 3, 2]]
     assert qz.search(Q_BIN, qz.quantize(D_BIN, "binary"), "binary", 10, rescore=2).tolist() == [[1, 0, 3, 2]]
+    # rescoring the top 4 against other codes: the float corpus itself gives the float order
+    # q.d: d0 0.03 + 0.03 - 0.27 + 0.30 = 0.09, d1 0.51, d2 0.33 - 0.30 = 0.03, d3 -0.33 + 0.30 = -0.03
+    assert qz.search(Q_BIN, codes, "ubinary", 10, rescore=4, rescore_with=(D_BIN, "float32", None)).tolist() == \
+        [[1, 0, 2, 3]]
 
     c = qz.quantize(D_I8, "int8", ranges=RANGES)
     assert c.tolist() == [[64, -64, 32], [32, 32, -32], [-64, 64, 64], [64, 0, 0]]
@@ -202,6 +206,10 @@ def test_quantised_eval_matches_the_hand_computed_metrics():
     assert res["model"]["name"] == "table [ubinary]" and res["index"]["bytes"] == 4 and res["index"]["bytes_per_doc"] == 1
     res = evaluate_quantized(base, ds, emb, precision="ubinary", rescore=2)
     assert res["metrics"]["overall"]["ndcg@10"] == 1.0 and res["model"]["name"] == "table [ubinary+rescore2]"
+    # rescoring against int8 codes of the corpus (on disk beside the binary index): q.d0 0.09 < q.d1 0.51
+    res = evaluate_quantized(base, ds, emb, precision="ubinary", rescore=2, rescore_with="int8")
+    assert res["metrics"]["overall"]["ndcg@10"] == 1.0 and res["model"]["name"] == "table [ubinary+rescore2(int8)]"
+    assert res["index"]["bytes"] == 4 and res["index"]["rescore_bytes"] == 4 * 8 + 2 * 8 * 4
 
     ds, enc = _dataset(Q_I8, D_I8, "d3")
     base, emb = evaluate_dense(enc, ds, return_embeddings=True)
