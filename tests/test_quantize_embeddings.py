@@ -128,6 +128,9 @@ def test_hand_computed_binary_and_int8_search():
     # q.d: d0 0.03 + 0.03 - 0.27 + 0.30 = 0.09, d1 0.51, d2 0.33 - 0.30 = 0.03, d3 -0.33 + 0.30 = -0.03
     assert qz.search(Q_BIN, codes, "ubinary", 10, rescore=4, rescore_with=(D_BIN, "float32", None)).tolist() == \
         [[1, 0, 2, 3]]
+    # ... and it is those codes that rank, not the index's bits: the negated corpus reverses the order
+    assert qz.search(Q_BIN, codes, "ubinary", 10, rescore=4, rescore_with=(-D_BIN, "float32", None)).tolist() == \
+        [[3, 2, 0, 1]]
 
     c = qz.quantize(D_I8, "int8", ranges=RANGES)
     assert c.tolist() == [[64, -64, 32], [32, 32, -32], [-64, 64, 64], [64, 0, 0]]
