@@ -242,7 +242,14 @@ def write_hf_folder(model: nn.Module, *, tokenizer_dir: str | Path, out_dir: str
     cfg = model.config
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
-        (tmp / "config.json").write_text(json.dumps(bert_config(cfg), indent=2) + "\n")
+        hf_cfg = bert_config(cfg)
+        try:  # transformers 5 warns of a "Mistral regex" on local tokenizers whose config.json lacks a version
+            import transformers
+
+            hf_cfg["transformers_version"] = transformers.__version__
+        except ImportError:
+            pass
+        (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2) + "\n")
         save_file(bert_state_dict(model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for name, obj in st_side_files(cfg).items():
             (tmp / name).parent.mkdir(parents=True, exist_ok=True)

@@ -55,7 +55,27 @@ def dense_ckpt(tmp_path_factory):
     return ckpt
 
 
-def _assert_standard_folder_matches(out: Path, ckpt: Path, texts, prompts=PROMPTS):
+def _auto_tokenizer(out: Path):
+    """AutoTokenizer of the folder, asserting transformers raised no false "Mistral regex" alarm (it does for
+    vocabularies > 100k when config.json has no transformers_version)."""
+    import logging
+
+    transformers, _ = _hf()
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    tok_log = logging.getLogger("transformers.tokenization_utils_tokenizers")
+    tok_log.addHandler(handler)
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    finally:
+        tok_log.removeHandler(handler)
+    assert not [w for w in seen if "incorrect regex" in w], seen
+    return tok
+
+
+def _assert_standard_folder_matches(out: Path, ckpt: Path, texts, prompts=PROMPTS, *, automodel: bool = True):
+    """ST and (with ``automodel``) a separate transformers.AutoModel load give our ids and embeddings."""
     from moe2edge.teacher import load_embedder
 
     transformers, st = _hf()
@@ -68,11 +88,14 @@ def _assert_standard_folder_matches(out: Path, ckpt: Path, texts, prompts=PROMPT
     assert m.max_seq_length == ours.config.max_seq_length
     assert {k: m.prompts.get(k) for k in prompts} == prompts  # ST adds empty "query"/"document" of its own
     texts = [t.strip() for t in texts]  # ST strips its inputs
+    assert type(m[0].auto_model).__name__ == "BertModel"
     for prompt in [None, *prompts]:
         got = m.encode(texts, prompt_name=prompt, batch_size=8, convert_to_numpy=True)
         np.testing.assert_allclose(got, ours.encode(texts, prompt=prompt), atol=ATOL, rtol=0)
+    if not automodel:
+        return ours, m
     # transformers alone: AutoTokenizer + AutoModel + masked mean + L2
-    tok = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    tok = _auto_tokenizer(out)
     model = transformers.AutoModel.from_pretrained(str(out), local_files_only=True).eval()
     assert type(model).__name__ == "BertModel"
     enc = tok(texts, padding=True, truncation=True, max_length=ours.config.max_seq_length, return_tensors="pt")
@@ -204,11 +227,16 @@ E5 = Path("/work/shared-runs/e5-small")
 @pytest.mark.skipif(not (E5 / "config.json").exists(), reason="the imported multilingual-e5-small checkpoint "
                     "(/work/shared-runs/e5-small, issue 11) is not on this machine")
 def test_real_e5_small_exports_and_matches(texts, tmp_path):
-    """Real weights with XLM-R's SentencePiece vocabulary: the e5-small import itself is dense, learned."""
+    """Real weights with XLM-R's SentencePiece vocabulary (250k pieces): the e5-small import is dense and
+    learned-position. The export's own gate checks AutoTokenizer + AutoModel; then sentence-transformers
+    with the e5 prompts (query: / passage:). 470 MB of weights: one load per library, 16 texts."""
     out = tmp_path / "e5-hf"
     from moe2edge.teacher.checkpoint import load_pretrained
 
-    write_hf_folder(load_pretrained(E5), tokenizer_dir=E5, out_dir=out, verify_texts=texts)
-    from moe2edge.teacher import load_embedder
-
-    _assert_standard_folder_matches(out, E5, texts, prompts=load_embedder(E5).config.prompts)
+    few = texts[:14] + texts[-2:]  # short and long package descriptions, the non-ASCII and the over-long text
+    man = write_hf_folder(load_pretrained(E5), tokenizer_dir=E5, out_dir=out, verify_texts=few)
+    assert man["parity"]["max_abs"] <= ATOL
+    prompts = json.loads((E5 / "config_sentence_transformers.json").read_text())["prompts"]
+    _assert_standard_folder_matches(out, E5, few, prompts={k: prompts[k] for k in ("search_query", "search_document")},
+                                    automodel=False)
+    _auto_tokenizer(out)
