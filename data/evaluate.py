@@ -5,6 +5,8 @@ One entry point per model kind, one result schema (``SCHEMA``) for all of them:
 * ``evaluate_dense(model, dataset)`` for anything with the ``encode`` interface of
   ``moe2edge.data.encoders`` (exact inner-product search in numpy; embeddings are unit-norm);
 * ``evaluate_bm25(dataset)`` for the sparse BM25 baseline;
+* ``evaluate_quantized(result, dataset, embeddings, precision=...)`` for the same embeddings with the
+  corpus quantised to int8 / binary (``moe2edge.data.quantize``), optionally rescored with the float query;
 * ``teacher_agreement(student, teacher, dataset)`` for a student against its teacher;
 * ``measure_latency(model)`` p50/p95 ms per batch at batch 1 and 32 with 128-token inputs,
   at one thread and at all threads.
@@ -189,6 +191,63 @@ def evaluate_bm25(ds: RetrievalDataset, retriever=None) -> dict:
     return _result(model_info(retriever, "sparse"), ds, qids, run, warnings, {"index": t1 - t0, "search": t2 - t1})
 
 
+# ------------------------------------------------------------------------ quantised corpus
+
+
+def index_info(n_docs: int, dim: int, precision: str, rescore: int = 0) -> dict:
+    """What an index of these embeddings costs: bytes of the codes (+ the int8 ranges) per doc and in all."""
+    from moe2edge.data.quantize import SCALAR, code_bytes
+
+    total = code_bytes(n_docs, dim, precision) + (2 * dim * 4 if precision in SCALAR else 0)
+    return {"precision": precision, "rescore": rescore, "dim": dim, "n_docs": n_docs,
+            "bytes_per_doc": code_bytes(1, dim, precision), "bytes": total}
+
+
+def evaluate_quantized(base: dict, ds: RetrievalDataset, embeddings, *, precision: str, rescore: int = 0,
+                       ranges: np.ndarray | None = None, int8_scoring: str = "dequantized",
+                       rescore_with: str | None = None) -> dict:
+    """Retrieval with a quantised corpus: the same float embeddings as ``base`` (``evaluate_dense``'s
+    result and its ``return_embeddings``), the corpus quantised to ``precision``, the queries quantised
+    alike (int8/uint8: with the corpus's own ranges unless ``ranges`` is given), optionally the top
+    ``rescore`` candidates re-ranked with the float query (sentence-transformers' recipe). ``int8_scoring``:
+    ``moe2edge.data.quantize.scores`` ("codes" = ST's usearch ranking of the raw codes). ``rescore_with``
+    ("int8"): rescore against the corpus quantised to that precision instead of the index's own codes
+    (a binary index in memory, int8 codes on disk); its bytes are reported as ``rescore_bytes``."""
+    from moe2edge.data.quantize import SCALAR, calibration_ranges, quantize, search
+
+    doc_ids, d, q, qids = embeddings
+    t = time.perf_counter()
+    ranges_from = "given" if ranges is not None else "corpus" if precision in SCALAR else None
+    if precision in SCALAR and ranges is None:
+        ranges = calibration_ranges(d)  # calibrated on the corpus being indexed, reused for the queries
+    codes = quantize(d, precision, ranges=ranges)
+    tiebreak = np.empty(len(doc_ids), dtype=np.int64)
+    tiebreak[np.argsort(np.asarray(doc_ids, dtype=object), kind="stable")] = np.arange(len(doc_ids))
+    extra = None
+    if rescore and rescore_with:
+        r_ranges = calibration_ranges(d) if rescore_with in SCALAR else None
+        extra = (quantize(d, rescore_with, ranges=r_ranges), rescore_with, r_ranges)
+    idx = search(q, codes, precision, TOP_K, ranges=ranges, rescore=rescore, rescore_with=extra, tiebreak=tiebreak,
+                 int8_scoring=int8_scoring)  # (Q, K)
+    # Rank-based run scores keep the search's exact order (its ties already follow trec_eval's doc id rule).
+    k = idx.shape[1]
+    run = {qid: {doc_ids[j]: float(k - r) for r, j in enumerate(row)} for qid, row in zip(qids, idx.tolist())}
+    timings = {"quantize_and_search": time.perf_counter() - t}
+    info = dict(base["model"])
+    codes_note = " codes" if precision in SCALAR and int8_scoring == "codes" else ""
+    with_note = f"({rescore_with})" if extra else ""
+    info["name"] = f"{info['name']} [{precision}{codes_note}{f'+rescore{rescore}{with_note}' if rescore else ''}]"
+    res = _result(info, ds, qids, run, list(base.get("warnings", [])), timings)
+    res["index"] = index_info(len(doc_ids), d.shape[1], precision, rescore)
+    res["index"]["ranges"] = ranges_from
+    if extra:
+        res["index"]["rescore_with"] = rescore_with
+        res["index"]["rescore_bytes"] = index_info(len(doc_ids), d.shape[1], rescore_with)["bytes"]
+    if precision in SCALAR:
+        res["index"]["int8_scoring"] = int8_scoring
+    return res
+
+
 # ------------------------------------------------------------------------------ agreement
 
 
@@ -358,5 +417,6 @@ def environment() -> dict:
     return env
 
 
-__all__ = ["METRICS", "SCHEMA", "dense_search", "evaluate_dense", "evaluate_bm25", "teacher_agreement",
+__all__ = ["METRICS", "SCHEMA", "dense_search", "evaluate_dense", "evaluate_bm25", "evaluate_quantized", "index_info",
+           "teacher_agreement",
            "agreement_from_embeddings", "measure_latency", "texts_of_n_tokens", "check_dataset", "peak_rss_mb"]

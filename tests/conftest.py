@@ -1,4 +1,5 @@
 import os
+from typing import NamedTuple
 
 import pytest
 
@@ -18,3 +19,23 @@ def minilm():
 
     torch.manual_seed(0)
     return load_embedder(minilm_path())
+
+
+class CLIResult(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def moe2edge(capsys):
+    """Run the CLI in this process (no fresh torch import per call): ``moe2edge("eval", ...) -> CLIResult``."""
+    from moe2edge.compile.cli import main
+
+    def call(*args: str) -> CLIResult:
+        capsys.readouterr()
+        rc = main(list(args))
+        out, err = capsys.readouterr()
+        return CLIResult(rc, out, err)
+
+    return call
