@@ -10,16 +10,22 @@ def register(sub) -> None:
         "bench",
         help="benchmark engine folders (and a PyTorch checkpoint as baseline): latency, throughput, memory, size",
         description=(
-            "Measure each engine folder (from `moe2edge compile`) and optionally a PyTorch checkpoint folder, "
-            "each in its own subprocess: p50/p95 ms per encode call at batch 1 and 32 with 128-token real-word "
-            "texts, at 1 and 2 threads, throughput at batch 32, peak RSS, model size and the parity recorded at "
-            "compile time. Writes JSON (--out) and prints a table. Time on an otherwise idle machine; one "
-            "thread is the stable number on shared boxes."
+            "Measure each engine folder (from `moe2edge compile`), student folder (--student) and optionally a "
+            "PyTorch checkpoint (--model, the baseline), each in its own fresh subprocess, interleaved call by call: "
+            "p50/p95 ms per encode call at batch 1 and 32 on held-out real text of varying length, each text once "
+            "(benchmarks/benchtext-v1: 110-225 tokens, ~128 median, 14 languages), with the fixed-shape number "
+            "(128-token texts, one shape, repeated) beside it; ratios vs the baseline of the same run, throughput at "
+            "batch 32, peak RSS, model size and the parity recorded at compile time. Writes JSON (--out) and prints "
+            "a table. One thread is the stable number on shared boxes."
         ),
     )
     p.add_argument("engines", nargs="*", help="engine folders")
     p.add_argument("--model", default=None, help="PyTorch checkpoint folder to measure as the baseline")
-    p.add_argument("--threads", type=positive_int, nargs="+", default=[1, 2], help="thread counts (default: 1 2)")
+    p.add_argument("--student", action="append", default=[], metavar="DIR",
+                   help="a student folder run as it ships without an engine (a static student: numpy table + its "
+                   "tokenizer); repeat for several")
+    p.add_argument("--threads", type=positive_int, nargs="+", default=[1], help="thread counts (default: 1)")
+    p.add_argument("--no-fixed", action="store_true", help="skip the fixed-shape (128-token) number")
     p.add_argument("--repeats", type=positive_int, nargs=2, default=[20, 5], metavar=("B1", "B32"),
                    help="timed calls at batch 1 and at batch 32 (default 20 5)")
     p.add_argument("--out", default=None, help="JSON output path")
@@ -32,8 +38,8 @@ def run(args) -> int:
     from moe2edge._io import input_dir, safe_output, write_json
     from moe2edge.targets.bench import bench, table
 
-    if not args.engines and not args.model:
-        raise ValueError("nothing to measure: give engine folders and/or --model CHECKPOINT")
+    if not args.engines and not args.model and not args.student:
+        raise ValueError("nothing to measure: give engine folders, --student DIR and/or --model CHECKPOINT")
     # Before any subprocess starts: every folder exists and its files match its manifest (the measuring child
     # checks again; the hash cache makes that a stat), and the output can be written.
     from moe2edge.targets.runtime import EngineFolderError
@@ -44,10 +50,12 @@ def run(args) -> int:
         check_folder(e, required=True)
     if args.model:
         input_dir(args.model, "--model checkpoint folder")
+    for st in args.student:
+        input_dir(st, "--student folder")
     if args.out:
-        safe_output(args.out, inputs=[*args.engines, args.model], folder=False)
-    report = bench(args.engines, pytorch=args.model, threads=tuple(args.threads),
-                   repeats={1: args.repeats[0], 32: args.repeats[1]})
+        safe_output(args.out, inputs=[*args.engines, *args.student, args.model], folder=False)
+    report = bench(args.engines, pytorch=args.model, students=args.student, threads=tuple(args.threads),
+                   repeats={1: args.repeats[0], 32: args.repeats[1]}, fixed=not args.no_fixed)
     print(table(report))
     for r in report["results"]:
         print(f"  {r['name']}: {describe(r.get('integrity'))}")

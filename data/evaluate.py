@@ -389,6 +389,74 @@ def measure_latency(model, *, seq_len: int = 128, batch_sizes=(1, 32), threads=N
     return out
 
 
+def measure_latency_real(model, texts: list[str] | None = None, *, batch_sizes=(1, 32), threads=None,
+                         repeats: dict | None = None, warmup: int = 2) -> dict:
+    """p50/p95 ms per ``encode`` call on held-out real text of varying length, **each text used once**
+    (``data/benchtext``: 110-225 tokens, ~128 median, 14 languages): the engine meets a new sequence length
+    and the tokenizer new words on every call, as a user's documents would. BM25 is timed as search.
+
+    Same layout as ``measure_latency`` (``threads=N`` -> ``batch=B`` -> p50/p95/n); every thread count gets
+    its own slice of texts where the set is large enough (else the slices repeat: ``texts_reused``)."""
+    from moe2edge.data.benchtext import load_bench_texts, split_for_latency
+
+    is_bm25 = hasattr(model, "search")
+    threads = threads or ([1] if is_bm25 else sorted({1, os.cpu_count() or 1}))
+    texts = texts if texts is not None else [r["text"] for r in load_bench_texts()]
+    repeats = repeats or {1: 20, 32: 5}
+    need = warmup + sum(repeats.get(b, 5) * b for b in batch_sizes)
+    out = {"unit": "ms per batch", "texts_per_call": "new"}
+    timed: list[str] = []
+    for k, n in enumerate(threads):
+        start = k * need if (k + 1) * need <= len(texts) else 0
+        if start == 0 and k:
+            out["texts_reused"] = True
+        plan = split_for_latency(texts[start:], batch_sizes=batch_sizes, repeats=repeats, warmup=warmup)
+        if not is_bm25:
+            set_threads(model, n)
+        row = {}
+        for t in plan["warmup"]:  # one-time runtime set-up, on texts never timed
+            model.search([t], 10) if is_bm25 else model.encode([t], batch_size=1)
+        for bs in batch_sizes:
+            ms = []
+            for batch in plan[bs]:
+                t0 = time.perf_counter()
+                model.search(batch, 10) if is_bm25 else model.encode(batch, batch_size=bs)
+                ms.append((time.perf_counter() - t0) * 1000)
+                timed.extend(batch)
+            row[f"batch={bs}"] = _percentiles(ms)
+        out[f"threads={n}"] = row
+    if not is_bm25:
+        set_threads(model, threads[0])
+    count = None if is_bm25 else token_counter(model)  # counted after timing: counting would warm caches
+    if count is not None:
+        toks = sorted(count(t) for t in dict.fromkeys(timed))
+        out["tokens"] = {"min": toks[0], "median": toks[len(toks) // 2], "max": toks[-1]}
+    return out
+
+
+def latency_block(model, *, repeats: dict | None = None, threads=None, texts=None) -> dict:
+    """What eval / bench report: {"real": varying-length real text (the default number), "fixed": 128-token
+    inputs, the same text shape every call (the old number, beside it)}. Real first: the fixed run would
+    warm the shapes and words it uses."""
+    real = measure_latency_real(model, texts, threads=threads, repeats=repeats)
+    fixed = measure_latency(model, threads=threads, repeats=repeats)
+    return {"real": real, "fixed": fixed}
+
+
+def search_latency(q: np.ndarray, d: np.ndarray, *, batch_sizes=(1, 32), repeats: int = 20, k: int = 10) -> dict:
+    """ms per exact top-``k`` search of a query batch against corpus embeddings ``d`` (separate from encoding)."""
+    out = {"unit": "ms per batch", "corpus": int(d.shape[0])}
+    for bs in batch_sizes:
+        ms = []
+        for i in range(repeats):
+            qb = q[(i * bs) % max(1, len(q) - bs + 1):][:bs]
+            t0 = time.perf_counter()
+            dense_search(qb, d, k)
+            ms.append((time.perf_counter() - t0) * 1000)
+        out[f"batch={bs}"] = _percentiles(ms)
+    return out
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far.
 
@@ -419,4 +487,4 @@ def environment() -> dict:
 
 __all__ = ["METRICS", "SCHEMA", "dense_search", "evaluate_dense", "evaluate_bm25", "evaluate_quantized", "index_info",
            "teacher_agreement",
-           "agreement_from_embeddings", "measure_latency", "texts_of_n_tokens", "check_dataset", "peak_rss_mb"]
+           "agreement_from_embeddings", "measure_latency", "measure_latency_real", "latency_block", "search_latency", "texts_of_n_tokens", "check_dataset", "peak_rss_mb"]

@@ -145,7 +145,15 @@ def open_runtime(runtime: str, path: str | Path, *, threads: int = 1, **kw):
 _SPEC_KEYS = {"format": (str, True), "model_file": (str, True), "runtime": (str, True), "dim": (int, True),
               "max_seq_length": (int, True), "pad_token_id": (int, True), "prompts": (dict, False),
               "tokenizer": (str, False), "output_name": (str, False), "ov_precision_hint": (str, False),
-              "plan_file": (str, False), "name": (str, False), "vocab_size": (int, False)}
+              "plan_file": (str, False), "name": (str, False), "vocab_size": (int, False),
+              "shape_buckets": (int, False)}
+
+# Sequence-length bucketing: pad each batch's length up to a multiple of this many tokens (pad id, mask 0:
+# exact, the mask hides the padding from attention and pooling; tested). OpenVINO's CPU plugin prepares
+# kernels for every new input shape, so a user's varying text paid ~2.5x per call on first sight of a
+# length (docs/benchmarks.md, "Per-new-shape cost"); ONNX Runtime showed no per-shape cost, so it runs
+# the exact length. engine.json's "shape_buckets" overrides the default; 0 = off.
+DEFAULT_SHAPE_BUCKETS = {"openvino": 16, "onnxruntime": 0, "tensorrt": 0}
 
 
 def _read_spec(spec_file: Path) -> dict:
@@ -165,7 +173,7 @@ def _read_spec(spec_file: Path) -> dict:
         v = spec[key]
         if not isinstance(v, typ) or (typ is int and isinstance(v, bool)):
             raise EngineFolderError(f"{spec_file}: key {key!r} must be {typ.__name__}, got {type(v).__name__} ({v!r})")
-    for key, lo in (("dim", 1), ("max_seq_length", 1), ("pad_token_id", 0), ("vocab_size", 1)):
+    for key, lo in (("dim", 1), ("max_seq_length", 1), ("pad_token_id", 0), ("vocab_size", 1), ("shape_buckets", 0)):
         if key in spec and spec[key] is not None and spec[key] < lo:
             raise EngineFolderError(f"{spec_file}: key {key!r} must be >= {lo}, got {spec[key]}")
     rel = Path(spec["model_file"])
@@ -182,7 +190,8 @@ def _read_spec(spec_file: Path) -> dict:
 class EngineEmbedder:
     """Tokenizer + engine + prompts: the ``encode`` API of the teacher, for a compiled engine."""
 
-    def __init__(self, folder: str | Path, *, threads: int = 1, check: bool | None = None):
+    def __init__(self, folder: str | Path, *, threads: int = 1, check: bool | None = None,
+                 shape_buckets: int | None = None):
         from moe2edge._integrity import check_folder
 
         self.folder = Path(folder)
@@ -209,6 +218,11 @@ class EngineEmbedder:
         if spec.get("vocab_size") is not None:
             self.tokenizer.check_fits(spec["vocab_size"])
         self._threads = threads
+        if shape_buckets is None:
+            shape_buckets = spec.get("shape_buckets", DEFAULT_SHAPE_BUCKETS.get(spec["runtime"], 0))
+        if isinstance(shape_buckets, bool) or not isinstance(shape_buckets, int) or shape_buckets < 0:
+            raise ValueError(f"shape_buckets must be an integer >= 0, got {shape_buckets!r}")
+        self.shape_buckets = shape_buckets
         self.engine = self._open(threads)
         self.artifact_bytes = sum(p.stat().st_size for p in self.folder.rglob("*") if p.is_file())
 
@@ -256,19 +270,34 @@ class EngineEmbedder:
         if not texts:
             return np.zeros((0, out_dim), dtype=np.float32)
         return encode_batches(self.engine.run, self.tokenizer, texts, prefix=self.prefix(prompt), dim=out_dim,
-                              full_dim=self.dim, batch_size=batch_size)
+                              full_dim=self.dim, batch_size=batch_size, bucket=self.shape_buckets)
+
+
+def pad_to_bucket(ids: np.ndarray, mask: np.ndarray, bucket: int, *, pad_id: int, max_length: int):
+    """(B, S) ids / mask padded on the right to S' = the next multiple of ``bucket`` (at most ``max_length``,
+    never below S) with ``pad_id`` and mask 0. ``bucket`` 0 or 1: unchanged."""
+    s = ids.shape[1]
+    if bucket <= 1 or s == 0:
+        return ids, mask
+    target = max(s, min(-(-s // bucket) * bucket, max_length))
+    if target == s:
+        return ids, mask
+    pad = ((0, 0), (0, target - s))
+    return np.pad(ids, pad, constant_values=pad_id), np.pad(mask, pad, constant_values=0)
 
 
 def encode_batches(run, tokenizer: Tokenizer, texts: list[str], *, prefix: str, dim: int, full_dim: int,
-                   batch_size: int) -> np.ndarray:
+                   batch_size: int, bucket: int = 0) -> np.ndarray:
     """The encode loop shared by engines and the verification reference: sort by length (less padding),
-    tokenise, ``run(ids, mask) -> (B, full_dim)``, truncate to ``dim`` and renormalise."""
+    tokenise, pad the length to a multiple of ``bucket`` (0: off), ``run(ids, mask) -> (B, full_dim)``,
+    truncate to ``dim`` and renormalise."""
     order = np.argsort([-len(t) for t in texts], kind="stable")  # longest first
     result = np.empty((len(texts), dim), dtype=np.float32)
     truncated = 0
     for s in range(0, len(texts), batch_size):
         idx = order[s : s + batch_size]
         ids, mask, n = tokenizer([prefix + texts[i] for i in idx])
+        ids, mask = pad_to_bucket(ids, mask, bucket, pad_id=tokenizer.pad_id, max_length=tokenizer.max_length)
         truncated += n
         emb = np.asarray(run(ids, mask), dtype=np.float32)[:, :dim]
         if dim != full_dim:
@@ -280,8 +309,9 @@ def encode_batches(run, tokenizer: Tokenizer, texts: list[str], *, prefix: str, 
     return result
 
 
-def load_engine(folder: str | Path, *, threads: int = 1, check: bool | None = None) -> EngineEmbedder:
+def load_engine(folder: str | Path, *, threads: int = 1, check: bool | None = None,
+                shape_buckets: int | None = None) -> EngineEmbedder:
     """Open a compiled engine folder (``moe2edge compile --out DIR``). Its files are compared with the sizes and
     sha256 in ``manifest.json`` first (``IntegrityError`` on a mismatch); ``check=False`` skips that (default:
     on unless ``MOE2EDGE_SKIP_INTEGRITY_CHECK`` is set, see ``moe2edge._integrity``)."""
-    return EngineEmbedder(folder, threads=threads, check=check)
+    return EngineEmbedder(folder, threads=threads, check=check, shape_buckets=shape_buckets)

@@ -209,6 +209,26 @@ def test_onnx_fp32_engine_folder(onnx_fp32, small_moe):
     np.testing.assert_allclose(got128, load_embedder(small_moe[1]).encode(texts, dim=128), atol=1e-5)
 
 
+def test_shape_buckets_pad_exactly(onnx_fp32, pairs):
+    """Sequence-length bucketing pads each batch to a multiple of N tokens with the pad id and mask 0: the
+    sparse MoE engine's embeddings equal the unpadded ones (the mask hides padding from attention, routing
+    does not mix tokens, pooling is masked)."""
+    from moe2edge.targets.runtime import DEFAULT_SHAPE_BUCKETS, load_engine, pad_to_bucket
+
+    _, out = onnx_fp32
+    ids, mask = np.ones((2, 17), np.int64), np.ones((2, 17), np.int64)
+    pi, pm = pad_to_bucket(ids, mask, 16, pad_id=0, max_length=20)
+    assert pi.shape == (2, 20) and pm[:, 17:].sum() == 0 and pi[:, 17:].max() == 0  # capped at max_length
+    assert pad_to_bucket(ids, mask, 0, pad_id=0, max_length=512)[0].shape == (2, 17)
+    texts = [t for q, d in pairs[0][:12] for t in (q, d)]
+    ref = load_engine(out, shape_buckets=0)
+    assert ref.shape_buckets == 0 and load_engine(out).shape_buckets == DEFAULT_SHAPE_BUCKETS["onnxruntime"]
+    for b in (16, 64):
+        eng = load_engine(out, shape_buckets=b)
+        for bs in (1, 5):
+            np.testing.assert_allclose(eng.encode(texts, batch_size=bs), ref.encode(texts, batch_size=bs), atol=2e-6)
+
+
 def test_same_inputs_same_manifest_hash(onnx_fp32, small_moe, pairs, tmp_path):
     model, ckpt = small_moe
     again = _compile(model, ckpt, tmp_path / "again", CompileConfig(target="onnx"), pairs[0])
@@ -430,6 +450,13 @@ def test_cli_compile_openvino_int8(small_moe, pairs, tmp_path, capsys, cached_ex
     assert man["parity"]["cos_min"] >= 0.99 and man["identity"]["artifact"]["quantizer"]["ignored_scope"]["router_matmuls"] == 1
     spec = json.loads((out / "engine.json").read_text())
     assert spec["ov_precision_hint"] == "f32" and (out / "openvino_model.bin").exists()
+    from moe2edge.targets.runtime import load_engine
+
+    eng = load_engine(out)  # OpenVINO buckets lengths by default (verified above through this path)
+    assert eng.shape_buckets == 16
+    texts = [t for q, d in pairs[0][:8] for t in (q, d)]
+    np.testing.assert_allclose(eng.encode(texts, batch_size=1), load_engine(out, shape_buckets=0).encode(texts, batch_size=1),
+                               atol=1e-5)
 
 
 @pytest.mark.slow
