@@ -86,6 +86,11 @@ class CompileConfig:
     int8_cos_min: float = 0.99
     int8_sqnr_db: float | None = 20.0  # 20 log10(||ref|| / ||ref - got||) over the whole verification set
     max_ndcg_rel_loss: float | None = 0.005  # RELATIVE nDCG@10 loss: (PyTorch - engine) / PyTorch
+    # Router near-ties (targets/routing.py): tokens whose top-k router margin in the PyTorch reference is
+    # below near_tie_eps may flip experts in any correct engine; fp32 is gated on the texts without one
+    # (refused when fewer than near_tie_min_clean of the verification rows remain), INT8 on every text.
+    near_tie_eps: float = 1e-5
+    near_tie_min_clean: float = 0.5
     # TensorRT optimisation profile (batch x sequence ranges) for the engine build
     trt_min_shape: tuple[int, int] = (1, 1)
     trt_opt_shape: tuple[int, int] = (32, 128)
@@ -103,6 +108,8 @@ class CompileConfig:
         for k in ("fp32_max_abs", "int8_sqnr_db", "max_ndcg_rel_loss"):
             if getattr(self, k) is not None and getattr(self, k) < 0:
                 raise ValueError(f"{k} must be >= 0 or None, got {getattr(self, k)}")
+        if self.near_tie_eps < 0 or not 0 <= self.near_tie_min_clean <= 1:
+            raise ValueError("near_tie_eps must be >= 0 and near_tie_min_clean in [0, 1]")
         if self.dim is not None and self.dim < 1:
             raise ValueError(f"dim must be >= 1, got {self.dim}")
 

@@ -158,9 +158,15 @@ def quantize_accuracy_aware(src: Path, dst: Path, calibration, cfg, *, base_excl
     report.update(probe_halves=[n_a, len(reference) - n_a], gate="INT8 gates on the probe set minus the gap "
                   "between its two halves (targets/gates.probe_gate)")
     if last.get("exclude") == sorted(exclude):  # the search's last trial is the answer: keep it
-        trial.replace(dst)
+        from moe2edge.targets.onnx_graph import move_onnx
+
+        move_onnx(trial, dst)  # with its external data file, if any
         settings = last["settings"]
     else:
+        from moe2edge.targets.onnx_graph import external_data_locations
+
+        for loc in external_data_locations(trial):
+            (trial.parent / loc).unlink(missing_ok=True)
         trial.unlink(missing_ok=True)
         settings = quantize_to(exclude, dst)
     settings["fallback"] = report

@@ -8,6 +8,10 @@
   token to another expert: worst token cosine 0.44 measured) and activation x activation MatMuls no.
 * ``mask_only_tensors`` / ``check_no_qdq_on_mask``: the additive attention mask is -inf-like; a Q/DQ
   on it gets an infinite scale and destroys the embeddings (ModelOpt defaults: cosine 0.5 measured).
+* ``external_data_locations`` / ``copy_onnx`` / ``move_onnx``: a graph over ``EXTERNAL_DATA_BYTES`` (the
+  released model's 1.9 GB) keeps its weights in a ``.data`` file beside it, referenced by a relative
+  name written inside the graph; renaming the graph alone breaks it ("External data path does not
+  exist"), so every copy goes through ``copy_onnx``, which rewrites that name to ``<graph>.data``.
 * ``count_matmul_flops``: FLOPs of every MatMul/Gemm with the real shapes of one run (NonZero makes
   the sparse graph's shapes data-dependent, so they are measured, not inferred).
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -28,6 +33,71 @@ ROUTER_TAG = "mlp.router"
 EXPERT_WEIGHT_RE = r"mlp\.fc[12]\.\d+$"
 
 
+def _external_tensors(model):
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    return [t for t in _get_all_tensors(model) if uses_external_data(t)]
+
+
+def external_data_locations(path: str | Path) -> list[str]:
+    """Relative names of the external data files a graph file references (empty: self-contained)."""
+    import onnx
+
+    g = onnx.load(str(path), load_external_data=False)
+    locs = []
+    for t in _external_tensors(g):
+        loc = next(e.value for e in t.external_data if e.key == "location")
+        if loc not in locs:
+            locs.append(loc)
+    return locs
+
+
+def data_file_name(graph_name: str) -> str:
+    """The fixed name of a graph's external data file: ``model.onnx`` -> ``model.onnx.data``."""
+    return graph_name + ".data"
+
+
+def copy_onnx(src: str | Path, dst: str | Path) -> list[Path]:
+    """Copy a graph file and its external data (if any) to ``dst``; the data lands in ``dst.data`` and the
+    graph's references are rewritten to that relative name. Returns the files written (graph first)."""
+    import onnx
+
+    src, dst = Path(src), Path(dst)
+    g = onnx.load(str(src), load_external_data=False)
+    ext = _external_tensors(g)
+    if not ext:
+        shutil.copyfile(src, dst)
+        return [dst]
+    locs = {next(e.value for e in t.external_data if e.key == "location") for t in ext}
+    missing = [loc for loc in locs if not (src.parent / loc).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{src}: its external data file {missing[0]} is missing (the graph keeps its "
+                                "weights beside it); rebuild the graph")
+    new = data_file_name(dst.name)
+    if len(locs) == 1:
+        for t in ext:
+            for e in t.external_data:
+                if e.key == "location":
+                    e.value = new
+        shutil.copyfile(src.parent / locs.pop(), dst.parent / new)
+        onnx.save(g, str(dst))
+    else:  # several data files: gather them into one (loads the weights once)
+        full = onnx.load(str(src))
+        onnx.save(full, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location=new)
+    return [dst, dst.parent / new]
+
+
+def move_onnx(src: str | Path, dst: str | Path) -> list[Path]:
+    """``copy_onnx`` then remove the source graph and its data files."""
+    src = Path(src)
+    locs = external_data_locations(src)
+    out = copy_onnx(src, dst)
+    for loc in locs:
+        (src.parent / loc).unlink(missing_ok=True)
+    src.unlink(missing_ok=True)
+    return out
+
+
 def preoptimize(src: str | Path, dst: str | Path) -> Path:
     import onnxruntime as ort
 
@@ -35,6 +105,10 @@ def preoptimize(src: str | Path, dst: str | Path) -> Path:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     so.optimized_model_filepath = str(dst)
     so.log_severity_level = 3
+    if external_data_locations(src):  # large graph: the optimised copy keeps its weights outside too
+        so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                    data_file_name(Path(dst).name))
+        so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
     return Path(dst)
 

@@ -20,7 +20,6 @@ pooling / normalisation tail (no MatMul there). ORT's offline basic optimisation
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,7 @@ import numpy as np
 from moe2edge._optional import has, require
 from moe2edge.targets.base import Artifact, CompileConfig, Sample
 from moe2edge.targets.fallback import quantize_accuracy_aware
+from moe2edge.targets.onnx_graph import copy_onnx, external_data_locations
 
 log = logging.getLogger(__name__)
 
@@ -99,9 +99,18 @@ def ort_quantize_static(src: Path, dst: Path, calibration, *, symmetric_activati
         activation_type=QuantType.QInt8 if symmetric_activations else QuantType.QUInt8,
         calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=list(op_types), nodes_to_exclude=exclude,
         extra_options={"ActivationSymmetric": symmetric_activations, "WeightSymmetric": True},
-        calibration_cache_path=cache,
+        calibration_cache_path=cache, use_external_data_format=bool(external_data_locations(src)),
     )
     return settings
+
+
+def finalize_onnx(src: Path, dst: Path) -> dict:
+    """engine.json keys for an ONNX graph copied to ``dst`` (``model_data_file`` when its weights are external)."""
+    files = copy_onnx(src, dst)
+    out = {"model_file": dst.name}
+    if len(files) > 1:
+        out["model_data_file"] = files[1].name
+    return out
 
 
 class OnnxTarget:
@@ -147,20 +156,21 @@ class OnnxTarget:
                 from onnxruntime.quantization import QuantType, quantize_dynamic
 
                 quantize_dynamic(str(src), str(path), per_channel=True, weight_type=QuantType.QInt8,
-                                 op_types_to_quantize=["MatMul"], nodes_to_exclude=excl)
+                                 op_types_to_quantize=["MatMul"], nodes_to_exclude=excl,
+                                 use_external_data_format=bool(external_data_locations(src)))
                 return {"method": "onnxruntime.quantize_dynamic", "per_channel": True, "weight_type": "QInt8",
                         "op_types_to_quantize": ["MatMul"], "nodes_to_exclude": sorted(excl)}
         settings = quantize_accuracy_aware(src, dst, calibration, cfg, base_exclude=exclude, quantize_to=quantize_to,
                                            probe=probe)
-        q = onnx.load(str(dst))
+        q = onnx.load(str(dst), load_external_data=False)  # the graph's structure is what is checked
         check_no_qdq_on_mask(q)
         settings.update(preoptimized=cfg.ort_preoptimize, graph=info, nodes=qdq_summary(q))
         return Artifact(dst, "onnx", "int8", {**exported.info, "quantizer": settings})
 
     def finalize(self, artifact: Artifact, engine_dir: Path, cfg: CompileConfig) -> dict:
-        """Copy the artifact's model into the engine folder under its canonical name -> engine.json keys."""
-        shutil.copyfile(artifact.path, Path(engine_dir) / self.model_file)
-        return {"model_file": self.model_file}
+        """Copy the artifact's model (+ its external data, as ``model.onnx.data``) into the engine folder under its
+        canonical name -> engine.json keys."""
+        return finalize_onnx(artifact.path, Path(engine_dir) / self.model_file)
 
     def load(self, artifact, *, threads: int = 1):
         from moe2edge.targets.runtime import OrtEngine

@@ -146,7 +146,7 @@ _SPEC_KEYS = {"format": (str, True), "model_file": (str, True), "runtime": (str,
               "max_seq_length": (int, True), "pad_token_id": (int, True), "prompts": (dict, False),
               "tokenizer": (str, False), "output_name": (str, False), "ov_precision_hint": (str, False),
               "plan_file": (str, False), "name": (str, False), "vocab_size": (int, False),
-              "shape_buckets": (int, False)}
+              "shape_buckets": (int, False), "model_data_file": (str, False)}
 
 # Sequence-length bucketing: pad each batch's length up to a multiple of this many tokens (pad id, mask 0:
 # exact, the mask hides the padding from attention and pooling; tested). OpenVINO's CPU plugin prepares
@@ -176,9 +176,10 @@ def _read_spec(spec_file: Path) -> dict:
     for key, lo in (("dim", 1), ("max_seq_length", 1), ("pad_token_id", 0), ("vocab_size", 1), ("shape_buckets", 0)):
         if key in spec and spec[key] is not None and spec[key] < lo:
             raise EngineFolderError(f"{spec_file}: key {key!r} must be >= {lo}, got {spec[key]}")
-    rel = Path(spec["model_file"])
-    if rel.is_absolute() or ".." in rel.parts:
-        raise EngineFolderError(f"{spec_file}: model_file {spec['model_file']!r} must be a path inside the folder")
+    for key in ("model_file", "model_data_file"):
+        rel = Path(spec.get(key) or ".")
+        if rel.is_absolute() or ".." in rel.parts:
+            raise EngineFolderError(f"{spec_file}: {key} {spec[key]!r} must be a path inside the folder")
     if spec["runtime"] not in RUNTIMES:
         raise EngineFolderError(f"{spec_file}: unknown runtime {spec['runtime']!r}; known: {', '.join(RUNTIMES)}")
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in (spec.get("prompts") or {}).items()):
@@ -210,6 +211,10 @@ class EngineEmbedder:
         model_file = self.folder / spec["model_file"]
         if not model_file.is_file():
             raise EngineFolderError(f"{model_file}: model file named in {ENGINE_FILE} is missing")
+        data_file = self.folder / spec["model_data_file"] if spec.get("model_data_file") else None
+        if data_file is not None and not data_file.is_file():  # the graph's weights (external data, > 1 GB models)
+            raise EngineFolderError(f"{data_file}: the model's weight file named in {ENGINE_FILE} is missing; copy the "
+                                    "whole engine folder, or rebuild it with `moe2edge compile`")
         self.name = spec.get("name") or self.folder.name
         self.dim = spec["dim"]
         self.prompts = dict(spec.get("prompts") or {})
@@ -286,12 +291,17 @@ def pad_to_bucket(ids: np.ndarray, mask: np.ndarray, bucket: int, *, pad_id: int
     return np.pad(ids, pad, constant_values=pad_id), np.pad(mask, pad, constant_values=0)
 
 
+def length_order(texts: list[str]) -> np.ndarray:
+    """The order ``encode_batches`` runs texts in: longest first (stable), so batches carry less padding."""
+    return np.argsort([-len(t) for t in texts], kind="stable")
+
+
 def encode_batches(run, tokenizer: Tokenizer, texts: list[str], *, prefix: str, dim: int, full_dim: int,
                    batch_size: int, bucket: int = 0) -> np.ndarray:
     """The encode loop shared by engines and the verification reference: sort by length (less padding),
     tokenise, pad the length to a multiple of ``bucket`` (0: off), ``run(ids, mask) -> (B, full_dim)``,
     truncate to ``dim`` and renormalise."""
-    order = np.argsort([-len(t) for t in texts], kind="stable")  # longest first
+    order = length_order(texts)
     result = np.empty((len(texts), dim), dtype=np.float32)
     truncated = 0
     for s in range(0, len(texts), batch_size):

@@ -23,7 +23,6 @@ the batch x sequence range; float sub-layers in fp16, kept only if the plan veri
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +64,7 @@ def build(float_precision, onnx_path=ONNX, workspace_gib=4):
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
     parser = trt.OnnxParser(network, logger)
-    if not parser.parse(Path(onnx_path).read_bytes()):
+    if not parser.parse_from_file(str(onnx_path)):  # from the file: finds external weight data beside it
         errors = "\\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         sys.exit(f"ONNX parse failed:\\n{{errors}}")
     config = builder.create_builder_config()
@@ -160,10 +159,10 @@ class TensorRTTarget:
             exported.path, dst, calibration, cfg, base_exclude=exclude, probe=probe,
             quantize_to=lambda excl, path: ort_quantize_static(exported.path, path, calibration,
                                                                symmetric_activations=True, exclude=excl, cache=cache))
-        q = onnx.load(str(dst))
+        q = onnx.load(str(dst), load_external_data=False)  # structure + small (inline) tensors
         check_no_qdq_on_mask(q)
         zero_points = [i for i in q.graph.initializer if i.name.endswith("_zero_point")]
-        if any(onnx.numpy_helper.to_array(z).any() for z in zero_points):
+        if any(onnx.numpy_helper.to_array(z, base_dir=str(dst.parent)).any() for z in zero_points):
             raise RuntimeError("TensorRT needs symmetric Q/DQ (zero point 0); the quantiser wrote a non-zero one")
         settings.update(graph=info, nodes=qdq_summary(q), hardware_constraint="TensorRT explicit quantization: "
                         "symmetric int8, per-channel weights, per-tensor activations, Q/DQ pairs")
@@ -173,7 +172,9 @@ class TensorRTTarget:
         engine_dir = Path(engine_dir)
         int8 = artifact.precision == "int8"
         name = "model_qdq.onnx" if int8 else "model.onnx"
-        shutil.copyfile(artifact.path, engine_dir / name)
+        from moe2edge.targets.onnx_target import finalize_onnx
+
+        keys = finalize_onnx(artifact.path, engine_dir / name)
         profile = {n: (tuple(cfg.trt_min_shape), tuple(cfg.trt_opt_shape), tuple(cfg.trt_max_shape))
                    for n in ("input_ids", "attention_mask")}
         cmd = trtexec_command(name, cfg, int8)
@@ -188,7 +189,7 @@ class TensorRTTarget:
         if not self.is_available():
             log.warning("TensorRT engine NOT built: it needs tensorrt + a CUDA GPU. Wrote the verified %s and "
                         "build_engine.sh / build_engine.py: run one of them on a GPU machine", name)
-        return {"model_file": name, "plan_file": PLAN_FILE, "trtexec": cmd,
+        return {**keys, "plan_file": PLAN_FILE, "trtexec": cmd,
                 "engine_status": "engine.plan not built here: needs TensorRT + a CUDA GPU (run build_engine.sh, "
                                  "which verifies the plan on plan_verification.npz); until then the QDQ ONNX runs "
                                  "on CPU with ONNX Runtime"}

@@ -34,6 +34,10 @@ from moe2edge.kernels import route_ref
 log = logging.getLogger(__name__)
 
 INPUT_NAMES = ["input_ids", "attention_mask"]
+# Graphs whose weights exceed this many bytes keep them in an external ``<graph>.data`` file (protobuf's
+# 2 GB limit; the released model is 1.9 GB, torch's own switch is at 1.5 GB). Module-level so a test can
+# lower it to exercise the external-data path on a small model.
+EXTERNAL_DATA_BYTES = 1 << 30
 # Not "embedding": that name can clash with an internal value name (ORT "Duplicate definition").
 OUTPUT_NAME = "sentence_embedding"
 
@@ -101,10 +105,11 @@ def export_onnx(model: nn.Module, sample, path: str | Path, *, dim: int | None =
                 opset: int = 20) -> Path:
     """``torch.onnx.export(dynamo=True)`` with dynamic batch and sequence; returns the .onnx path.
 
-    Weights are stored inside the file (one self-contained model file; < 2 GB for every CPU model here).
+    Weights are stored inside the file up to ``EXTERNAL_DATA_BYTES``; above, in ``<path>.data`` beside it
+    (referenced by that relative name: move the pair with ``onnx_graph.copy_onnx``).
     """
     path = Path(path)
-    wrapper = ExportEmbedder(model, dim=dim, all_experts=all_experts)
+    wrapper = ExportEmbedder(model, dim=dim, all_experts=all_experts).eval()  # no training-mode export
     ids = torch.as_tensor(np.asarray(sample.input_ids), dtype=torch.long)
     mask = torch.as_tensor(np.asarray(sample.attention_mask), dtype=torch.long)
     if ids.shape[0] < 2 or ids.shape[1] < 2:
@@ -118,8 +123,11 @@ def export_onnx(model: nn.Module, sample, path: str | Path, *, dim: int | None =
                                                         "attention_mask": {0: batch, 1: seq}},
             optimize=True, verbose=False,
         )
-    prog.save(str(path))
-    log.info("exported %s (%s routing, dim %s)", path, "all-experts" if all_experts else "sparse", dim or "full")
+    external = sum(p.numel() * p.element_size() for p in wrapper.parameters()) > EXTERNAL_DATA_BYTES
+    del wrapper
+    prog.save(str(path), external_data=external)
+    log.info("exported %s (%s routing, dim %s%s)", path, "all-experts" if all_experts else "sparse", dim or "full",
+             ", weights in external data" if external else "")
     return path
 
 
