@@ -59,3 +59,16 @@ def test_pruned_sentencepiece_vocabulary_keeps_the_corpus_tokenisation():
     wordpiece = json.loads((minilm_path() / "tokenizer.json").read_text())
     with pytest.raises(ValueError, match="Unigram"):
         pruned_tokenizer(wordpiece, keep)
+
+
+def test_fixed_benchmark_subset_keeps_every_judged_document():
+    from moe2edge.compile.pipeline import FROZEN_BENCHMARK
+    from moe2edge.data.readers import load_beir, subsample
+
+    ds = load_beir(FROZEN_BENCHMARK)
+    n_docs = len(ds.corpus)
+    a, b = subsample(ds, max_queries=3, max_docs=50), subsample(ds, max_queries=3, max_docs=50)
+    assert len(a.queries) == 51 and len(set(a.languages.values())) == 17  # 3 per language
+    assert len(a.corpus) == 50 and list(a.corpus) == list(b.corpus)  # fixed
+    assert all(d in a.corpus for q in a.queries for d in a.qrels[q])  # nothing a query judges is dropped
+    assert set(a.qrels) == set(a.queries) and len(ds.corpus) == n_docs  # the input is left as it is
