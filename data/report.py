@@ -49,6 +49,8 @@ def check_run(r, where: str) -> None:
             if not _is_num(v) or not 0.0 <= v <= 1.0:
                 raise ValueError(f"{where}: metrics.{scope}.{m} is {v!r}, expected a number in [0, 1]")
     for tkey, row in (r.get("latency") or {}).items():
+        if tkey in ("seq_len", "tokens_exact", "unit"):  # measure_latency's descriptors, not timings
+            continue
         for bkey, cell in (row or {}).items() if isinstance(row, dict) else [(None, row)]:
             for k in ("p50_ms", "p95_ms"):
                 v = cell.get(k) if isinstance(cell, dict) else cell
