@@ -47,6 +47,9 @@ def register(sub) -> None:
                    "machine 1 avoids OpenMP spin-wait collapse). Latency is measured at 1 and all threads regardless")
     p.add_argument("--max-queries", type=positive_int, default=None,
                    help="evaluate only the first N queries per language (quick checks; results are marked)")
+    p.add_argument("--max-docs", type=positive_int, default=None,
+                   help="evaluate on a corpus of N documents: every document the evaluated queries judge plus a "
+                   "fixed seeded sample of the others (quick checks, e.g. the demo's subset; results are marked)")
     p.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     p.add_argument("--latency-repeats", type=positive_int, default=20,
                    help="timed calls at batch 1 (batch 32 uses a quarter, min 3) (default 20)")
@@ -108,19 +111,6 @@ def load_model(spec: str):
     return model, "dense"
 
 
-def _subsample(ds, n: int):
-    """First ``n`` judged queries per language (file order); marks nothing else."""
-    seen: dict[str, int] = {}
-    keep = {}
-    for qid, text in ds.queries.items():
-        lang = ds.languages.get(qid, "")
-        if qid in ds.qrels and seen.get(lang, 0) < n:
-            seen[lang] = seen.get(lang, 0) + 1
-            keep[qid] = text
-    ds.queries = keep
-    return ds
-
-
 def run(args) -> int:
     import json
     import logging
@@ -142,8 +132,10 @@ def run(args) -> int:
     input_dir(args.data, "BEIR dataset folder (--data)")
     quant = _quantised_precisions(args.precision, args.rescore, args.rescore_with)
     ds = load_beir(args.data, split=args.split, strict=not args.lenient)
-    if args.max_queries:
-        ds = _subsample(ds, args.max_queries)
+    if args.max_queries or args.max_docs:
+        from moe2edge.data.readers import subsample
+
+        ds = subsample(ds, max_queries=args.max_queries, max_docs=args.max_docs)
     judged = [q for q in ds.queries if any(r > 0 for r in ds.qrels.get(q, {}).values())]
     if not judged:
         raise ValueError(f"{args.data}: none of the {len(ds.queries)} queries has a positive judgement in "
@@ -181,6 +173,8 @@ def run(args) -> int:
         res["model"]["integrity"] = getattr(model, "integrity", None)  # files checked against the manifest at load
         if args.max_queries:
             res["dataset"]["max_queries_per_language"] = args.max_queries
+        if args.max_docs:
+            res["dataset"]["max_docs"] = args.max_docs
         if not args.no_latency:
             if lat is None:  # BM25: search needs the index built above
                 lat = ev.latency_block(model, repeats=reps)

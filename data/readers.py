@@ -259,6 +259,34 @@ class Pair:
     language: str = ""
 
 
+def subsample(ds: RetrievalDataset, *, max_queries: int | None = None, max_docs: int | None = None,
+              seed: int = 0) -> RetrievalDataset:
+    """A fixed, smaller copy of ``ds`` for quick runs: the first ``max_queries`` judged queries per language
+    (file order), and a corpus of every document those queries judge plus a seeded sample of the others,
+    ``max_docs`` in all (at least the judged ones). Deterministic; ``ds`` is left as it is."""
+    import random
+
+    queries = dict(ds.queries)
+    if max_queries:
+        seen: dict[str, int] = {}
+        queries = {}
+        for qid, text in ds.queries.items():
+            lang = ds.languages.get(qid, "")
+            if qid in ds.qrels and seen.get(lang, 0) < max_queries:
+                seen[lang] = seen.get(lang, 0) + 1
+                queries[qid] = text
+    corpus = ds.corpus
+    if max_docs and max_docs < len(ds.corpus):
+        judged = {d for q in queries for d, r in ds.qrels.get(q, {}).items() if r > 0 and d in ds.corpus}
+        others = [d for d in ds.corpus if d not in judged]
+        extra = set(random.Random(seed).sample(others, max(0, min(len(others), max_docs - len(judged)))))
+        corpus = {d: v for d, v in ds.corpus.items() if d in judged or d in extra}  # file order kept
+    return RetrievalDataset(name=ds.name, corpus=corpus, queries=queries,
+                            qrels={q: r for q, r in ds.qrels.items() if q in queries},
+                            languages={q: ds.languages[q] for q in queries if q in ds.languages},
+                            manifest=ds.manifest)
+
+
 def _first(obj: dict, keys: tuple[str, ...]):
     for k in keys:
         if k in obj:

@@ -228,16 +228,23 @@ def _notes(runs) -> list[str]:
     return notes
 
 
-def render_report(runs: list[dict], out_dir: str | Path, *, title: str = "moe2edge evaluation") -> dict[str, Path]:
-    """Write ``report.md``, ``report.html`` (PNG embedded) and ``quality_vs_latency.png`` to ``out_dir``."""
+def render_report(runs: list[dict], out_dir: str | Path, *, title: str = "moe2edge evaluation",
+                  sections: list[tuple[str, list[str], list[list[str]]]] | None = None,
+                  notes: list[str] | None = None) -> dict[str, Path]:
+    """Write ``report.md``, ``report.html`` (PNG embedded) and ``quality_vs_latency.png`` to ``out_dir``.
+    ``sections``: extra (heading, header, rows) tables after the per-language one (e.g. the router load);
+    ``notes``: extra bullet lines before the generated ones."""
     if not runs:
         raise ValueError("no evaluation runs to report")
     out_dir = Path(out_dir)
     head, rows, lhead, lrows = tables(runs)
     png = scatter_png(runs)
-    notes = _notes(runs)
+    notes = list(notes or []) + _notes(runs)
+    sections = list(sections or [])
     files = {}
     md = [f"# {title}", "", _md_table(head, rows), "", "## nDCG@10 per query language", "", _md_table(lhead, lrows), ""]
+    for heading, shead, srows in sections:
+        md += [f"## {heading}", "", _md_table(shead, srows), ""]
     if png:
         files["png"] = out_dir / "quality_vs_latency.png"
         _atomic(files["png"], png)
@@ -266,6 +273,7 @@ thead {{ background: #f3f3f3; }}
 {h_table(head, rows)}
 <h2>nDCG@10 per query language</h2>
 {h_table(lhead, lrows)}
+{''.join(f"<h2>{html.escape(h)}</h2>{h_table(sh, sr)}" for h, sh, sr in sections)}
 {img}
 <ul>{''.join(f'<li>{html.escape(n)}</li>' for n in notes)}</ul>
 </body></html>

@@ -5,7 +5,7 @@
                       "normalize": null, "rescale": true}
                    | {"kind": "dense", "init": "merge", "layers": [0, 2, 4], "intermediate_size": 768, "rescale": true,
                       "refit": true}
-                   | {"kind": "static", "dim": 256, "weighting": "sif"},
+                   | {"kind": "static", "dim": 256, "weighting": "sif", "vocab": "all" | "corpus"},
       "calibration": {"texts": 512, "max_tokens": 16384},
       "data":        {"pairs": PATH, "languages": ["en"], "max_pairs": 8000, "seed": 0},
       "train":       {... TrainConfig fields; "steps": 0 skips the fine-tune ...},
@@ -25,12 +25,12 @@ SECTIONS = {"student", "calibration", "data", "train", "loss"}
 STUDENT_KEYS = {
     "pruned": {"kind", "num_experts", "top_k", "score", "merge", "normalize", "rescale"},
     "dense": {"kind", "init", "score", "layers", "intermediate_size", "rescale", "refit"},
-    "static": {"kind", "dim", "weighting", "sif_coefficient"},
+    "static": {"kind", "dim", "weighting", "sif_coefficient", "vocab"},
 }
 # JSON types of the student keys (checked up front: a wrong type fails naming student.KEY).
 STUDENT_TYPES = {"kind": str, "num_experts": int, "top_k": int, "score": str, "merge": bool, "normalize": bool | None,
                  "rescale": bool, "init": str, "layers": list[int] | None, "intermediate_size": int | None,
-                 "refit": bool, "dim": int | None, "weighting": str, "sif_coefficient": float}
+                 "refit": bool, "dim": int | None, "weighting": str, "sif_coefficient": float, "vocab": str}
 CALIBRATION_KEYS = {"texts": int, "max_tokens": int, "seed": int}
 
 
@@ -110,6 +110,17 @@ def check_compatible(teacher, student_cfg: dict) -> None:
         d = student_cfg.get("dim", 256)
         if d is not None and not 1 <= d <= cfg.hidden_size:
             raise ValueError(f"student.dim={d} must be in [1, {cfg.hidden_size}] (the teacher's hidden size)")
+        from moe2edge.student.static import VOCABS
+
+        if student_cfg.get("vocab", "all") not in VOCABS:
+            raise ValueError(f"student.vocab must be one of {', '.join(VOCABS)}, got {student_cfg['vocab']!r}")
+
+
+def student_tokenizer(static):
+    """The static student's own tokenizer (its vocabulary may be pruned) for the teacher's Trainer."""
+    from moe2edge.teacher.embedder import Tokenizer
+
+    return Tokenizer(static.tokenizer_file, max_length=static.config.max_seq_length, pad_id=static.config.pad_token_id)
 
 
 def build_student(teacher, student_cfg: dict, *, calib=None, corpus: list[str] | None = None):
@@ -159,9 +170,9 @@ def distill_from_config(cfg: dict, *, teacher_path: str | Path, out: str | Path,
         texts = calibration_texts(teacher, pairs, cal.get("texts", 512), cal.get("seed", 0))
         calib = calibrate(teacher.model, teacher.tokenizer, texts, max_tokens=cal.get("max_tokens", 16384))
     corpus = None
-    if st["kind"] == "static" and st.get("weighting", "sif") == "sif":
+    if st["kind"] == "static" and (st.get("weighting", "sif") == "sif" or st.get("vocab", "all") == "corpus"):
         if not pairs:
-            raise ValueError("the static student's 'sif' weighting needs data.pairs to count tokens")
+            raise ValueError("the static student's 'sif' weighting and 'corpus' vocab need data.pairs to count tokens")
         corpus = [t for p in pairs for t in (p.query, p.positive)]
     student = build_student(teacher, st, calib=calib, corpus=corpus)
     history = None
@@ -170,7 +181,8 @@ def distill_from_config(cfg: dict, *, teacher_path: str | Path, out: str | Path,
             raise ValueError("the distillation fine-tune needs data.pairs (or train.steps = 0)")
         train_d.setdefault("aux_loss_coef", 0.0)  # spec section 3: no load balancing when finetuning
         tcfg = TrainConfig(**train_d)
-        emb = Embedder(student.to_model(), teacher.tokenizer) if isinstance(student, StaticEmbedder) else student
+        emb = Embedder(student.to_model(), student_tokenizer(student)) if isinstance(student, StaticEmbedder) \
+            else student
         history = distill(emb, teacher, pairs, train=tcfg, loss=DistillLoss(**cfg.get("loss", {})),
                           progress=progress)
         student = emb

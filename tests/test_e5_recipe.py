@@ -108,3 +108,14 @@ def test_unknown_router_init_and_prepare_keys_are_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown keys.*negativs"):
         prepared_pairs([Pair("a", "b")], {"negativs": 1}, cache_dir=tmp_path)
     assert json.loads((ROOT / "configs" / "e5-moe.json").read_text())["init"]["upcycle"]["router_init"] == "centered"
+
+
+@pytest.mark.parametrize("kind", ["pruned", "dense", "static"])
+def test_e5_student_recipes_are_valid_and_multilingual(kind):
+    from moe2edge.student.recipe import load_recipe, validate_recipe
+
+    cfg = validate_recipe(load_recipe(ROOT / "configs" / f"student-e5-{kind}.json"))
+    assert cfg["student"]["kind"] == kind
+    assert cfg["data"]["languages"] == load_config(ROOT / "configs" / "e5-moe.json")["data"]["languages"]
+    if kind == "static":
+        assert cfg["student"]["vocab"] == "corpus"  # e5's 250k rows: only those the corpus uses

@@ -51,3 +51,17 @@ def test_bad_results_files(tmp_path):
         load_results([tmp_path / "missing.json"])
     with pytest.raises(ValueError, match="no evaluation runs"):
         render_report([], tmp_path)
+
+
+def test_latency_descriptors_and_extra_sections(tmp_path):
+    """measure_latency writes seq_len / tokens_exact / unit beside the timings (BM25: tokens_exact False): a
+    report of its output is accepted; extra tables and notes (the demo's router load) are rendered."""
+    run = _run("bm25", 0.5, 1.0, {"en": 0.8, "de": 0.3})
+    run["latency"].update(seq_len=128, tokens_exact=False, unit="ms per batch")
+    a = tmp_path / "a.json"
+    a.write_text(json.dumps({"runs": [run]}))
+    files = render_report(load_results([a]), tmp_path / "out", notes=["a note"],
+                          sections=[("Router load", ["layer", "e0"], [["1", "0.500"]])])
+    md = files["md"].read_text()
+    assert "## Router load" in md and "| 1 | 0.500 |" in md and "- a note" in md
+    assert "<h2>Router load</h2>" in files["html"].read_text()
