@@ -1,0 +1,160 @@
+"""The released model's full shape through every path (issue 12), one command.
+
+    .venv/bin/python bench/full_shape.py [--out runs/full-shape] [--paths onnx-fp32,openvino-fp32,...]
+
+1. writes a checkpoint of the ``nomic-embed-text-v2-moe`` preset (12 x 768, 8 experts top-2 at every
+   second layer, 475M parameters, rotary) in the released format with the project's own writer
+   (``save_pretrained``; random weights, seeded; nothing is committed) and the imported
+   multilingual-e5-small ``tokenizer.json`` (XLM-R's 250k-piece SentencePiece Unigram, the released
+   model's tokenizer family);
+2. runs each path as its own ``moe2edge`` process, one after the other (so the peak RSS is that
+   path's own, from ``os.wait4``), and records stage time, peak RSS, artifact size and, for engines,
+   the verification record of their manifest (cosine mean / min, max-abs, router near-tie tokens and
+   texts, what was gated);
+3. appends every finished path to ``OUT/results.json`` at once: a rerun skips the paths already
+   there (``--redo`` measures them again), so a long run can be resumed.
+
+Paths (in the default order, the important ones first): onnx-fp32, openvino-fp32, static, pruned,
+dense, onnx-int8, tensorrt-int8 (Q/DQ ONNX verified on CPU; building the plan needs TensorRT + GPU),
+openvino-int8. ``--markdown`` prints the table of results.json for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PRESET = "nomic-embed-text-v2-moe"
+MOE2EDGE = [sys.executable, "-m", "moe2edge.compile.cli"]
+
+# path -> the moe2edge arguments after the checkpoint / output (students: training-free, steps 0: the cost
+# measured is the build at this shape, not a recipe)
+PATHS: dict[str, list[str]] = {
+    "onnx-fp32": ["compile", "--target", "onnx"],
+    "openvino-fp32": ["compile", "--target", "openvino"],
+    "static": ["distill", "--student", "static", "--steps", "0"],
+    "pruned": ["distill", "--student", "pruned", "--experts", "4", "--top-k", "1", "--steps", "0"],
+    "dense": ["distill", "--student", "dense", "--layers", "0,2,4,6,8,10", "--steps", "0"],
+    "onnx-int8": ["compile", "--target", "onnx", "--int8"],
+    "tensorrt-int8": ["compile", "--target", "tensorrt", "--int8"],
+    "openvino-int8": ["compile", "--target", "openvino", "--int8"],
+}
+
+
+def folder_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).exists() else 0
+
+
+def run_measured(cmd: list[str], log_file: Path) -> dict:
+    """Run ``cmd`` as a child; -> returncode, seconds, its own peak RSS (MB), the last stderr line."""
+    t0 = time.perf_counter()
+    with open(log_file, "w") as log:
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+        _, status, usage = os.wait4(p.pid, 0)
+    rc = os.waitstatus_to_exitcode(status)
+    lines = [ln for ln in log_file.read_text(errors="replace").splitlines() if ln.strip()]
+    return {"returncode": rc, "seconds": round(time.perf_counter() - t0, 1),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024.0), "last_line": lines[-1][-400:] if lines else "",
+            "command": shlex.join(cmd[2:] if cmd[:3] == MOE2EDGE else cmd)}
+
+
+def write_checkpoint(out: Path, seed: int = 0) -> None:
+    """The full preset with random weights in the released format + the e5 SentencePiece tokenizer."""
+    import torch
+
+    from moe2edge.teacher import NomicMoE, get_preset
+    from moe2edge.teacher.checkpoint import save_pretrained
+    from moe2edge.teacher.e5_import import e5_checkpoint
+
+    torch.manual_seed(seed)
+    model = NomicMoE(get_preset(PRESET)).eval()
+    save_pretrained(model, out, tokenizer_dir=e5_checkpoint())
+    print(f"wrote {out}: {model.num_parameters():,} parameters")
+
+
+def engine_record(folder: Path) -> dict:
+    man = json.loads((folder / "manifest.json").read_text())
+    par = man.get("parity") or man.get("verification") or {}
+    keep = ("n", "cos_mean", "cos_min", "max_abs", "sqnr_db", "ndcg@10_rel_loss", "near_tie", "all_texts",
+            "near_tie_texts")
+    return {k: par[k] for k in keep if k in par}
+
+
+def markdown(results: dict) -> str:
+    rows = ["| path | result | time (s) | peak RSS (GB) | size (GB) | cos mean | cos min | max-abs | near-tie texts "
+            "(tokens) | all texts: cos min |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        p = r.get("parity", {})
+        nt = p.get("near_tie") or {}
+        allt = p.get("all_texts", {})
+        res = "built" if r["returncode"] == 0 else f"refused (exit {r['returncode']})"
+        fmt = lambda v, f: (format(v, f) if isinstance(v, (int, float)) else "–")  # noqa: E731
+        rows.append(f"| {name} | {res} | {r['seconds']:.0f} | {r['peak_rss_mb'] / 1024:.1f} | "
+                    f"{r['size_bytes'] / 1e9:.2f} | {fmt(p.get('cos_mean'), '.7f')} | {fmt(p.get('cos_min'), '.7f')} | "
+                    f"{fmt(p.get('max_abs'), '.1e')} | "
+                    f"{(str(nt.get('texts')) + ' / ' + str(nt.get('rows')) + ' (' + str(nt.get('tokens')) + ')') if nt else '–'}"
+                    f" | {fmt(allt.get('cos_min'), '.4f')} |")
+    return "\n".join(rows)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=ROOT / "runs" / "full-shape")
+    ap.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, from: {', '.join(PATHS)}")
+    ap.add_argument("--redo", action="store_true", help="measure paths already in results.json again")
+    ap.add_argument("--markdown", action="store_true", help="print the table of OUT/results.json and exit")
+    ap.add_argument("--_write", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args._write:
+        write_checkpoint(args._write)
+        return 0
+    results_file = args.out / "results.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    if args.markdown:
+        print(markdown(results))
+        return 0
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    unknown = [p for p in paths if p not in PATHS]
+    if unknown:
+        ap.error(f"unknown path(s) {', '.join(unknown)}; known: {', '.join(PATHS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    ckpt = args.out / "checkpoint"
+    if not (ckpt / "model.safetensors").exists() or "checkpoint" not in results:
+        r = run_measured([sys.executable, __file__, "--_write", str(ckpt)], args.out / "checkpoint.log")
+        if r["returncode"] != 0:
+            print(f"writing the checkpoint failed: {r['last_line']}", file=sys.stderr)
+            return 1
+        results["checkpoint"] = {**r, "size_bytes": folder_size(ckpt)}
+        results_file.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"checkpoint {ckpt}: {results['checkpoint']['seconds']} s, {results['checkpoint']['peak_rss_mb']} MB peak",
+          flush=True)
+    for name in paths:
+        if name in results and not args.redo:
+            print(f"{name}: already measured (--redo to measure again)")
+            continue
+        dest = args.out / name
+        flag = "--model" if PATHS[name][0] == "compile" else "--teacher"
+        cmd = MOE2EDGE + PATHS[name] + [flag, str(ckpt), "--out", str(dest), "--force"]
+        print(f"{name}: {shlex.join(cmd[2:])} ...", flush=True)
+        r = run_measured(cmd, args.out / f"{name}.log")
+        r["size_bytes"] = folder_size(dest) if r["returncode"] == 0 else 0
+        if r["returncode"] == 0 and (dest / "manifest.json").exists():
+            r["parity"] = engine_record(dest)
+        results[name] = r
+        results_file.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"{name}: exit {r['returncode']} in {r['seconds']} s, peak {r['peak_rss_mb']} MB, "
+              f"{r['size_bytes'] / 1e9:.2f} GB; {r['last_line'][-200:]}", flush=True)
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
