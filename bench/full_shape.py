@@ -43,9 +43,9 @@ PATHS: dict[str, list[str]] = {
     "static": ["distill", "--student", "static", "--config", "configs/student-e5-static.json", "--steps", "0"],
     "pruned": ["distill", "--student", "pruned", "--config", "configs/student-e5-pruned.json", "--steps", "0"],
     "dense": ["distill", "--student", "dense", "--config", "configs/student-e5-dense.json", "--steps", "0"],
-    "onnx-int8": ["compile", "--target", "onnx", "--int8"],
-    "tensorrt-int8": ["compile", "--target", "tensorrt", "--int8"],
-    "openvino-int8": ["compile", "--target", "openvino", "--int8"],
+    "onnx-int8": ["compile", "--target", "onnx", "--int8", "--calibration", "dpkg"],
+    "tensorrt-int8": ["compile", "--target", "tensorrt", "--int8", "--calibration", "dpkg"],
+    "openvino-int8": ["compile", "--target", "openvino", "--int8", "--calibration", "dpkg"],
 }
 
 
