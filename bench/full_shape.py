@@ -54,7 +54,10 @@ def folder_size(path: Path) -> int:
 
 
 def run_measured(cmd: list[str], log_file: Path) -> dict:
-    """Run ``cmd`` as a child; -> returncode, seconds, its own peak RSS (MB), the last stderr line."""
+    """Run ``cmd`` as a child; -> returncode, seconds, its own peak RSS (MB), the last stderr line.
+
+    ``ru_maxrss`` of a child counts the parent's RSS at fork (targets/bench.py peak_rss_mb): this parent
+    never imports torch (~30 MB), so the figure is the child's own."""
     t0 = time.perf_counter()
     with open(log_file, "w") as log:
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
