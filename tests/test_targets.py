@@ -266,6 +266,33 @@ def test_tensorrt_writes_verified_qdq_and_build_scripts(small_moe, pairs, tmp_pa
     assert spec["runtime"] == "tensorrt" and "needs TensorRT + a CUDA GPU" in spec["engine_status"]
 
 
+def test_calibration_reader_feeds_small_runs_of_the_same_tokens():
+    """ORT's calibration session needs far more memory than one run's tensors (a 16-text run took the released
+    shape past 23 GB): the reader feeds runs of <= 4 texts, cut to the columns they use -- every real token
+    exactly once, in order, and no run wider than its longest text."""
+    from moe2edge.targets.onnx_target import CalibReader
+
+    rng = np.random.default_rng(0)
+    batches = []
+    for n, width in ((16, 40), (7, 23), (3, 9)):
+        lens = rng.integers(1, width + 1, size=n)
+        lens[rng.integers(n)] = width  # the batch's widest text sets its padding
+        mask = (np.arange(width)[None, :] < lens[:, None]).astype(np.int64)
+        batches.append((rng.integers(5, 1000, size=(n, width)) * mask + (1 - mask), mask))
+    r = CalibReader(batches, ("input_ids", "attention_mask"))
+    feeds = []
+    while (f := r.get_next()) is not None:
+        feeds.append(f)
+    assert len(feeds) == len(r) == 4 + 2 + 1
+    assert all(len(f["input_ids"]) <= 4 for f in feeds)
+    assert all(f["attention_mask"][:, -1].any() for f in feeds)  # no all-padding column kept
+    got = np.concatenate([f["input_ids"][f["attention_mask"] == 1] for f in feeds])
+    want = np.concatenate([ids[mask == 1] for ids, mask in batches])
+    np.testing.assert_array_equal(got, want)
+    r.rewind()
+    assert r.get_next()["input_ids"].shape == feeds[0]["input_ids"].shape
+
+
 def test_fallback_search_leaves_the_most_sensitive_groups_in_float():
     """Synthetic graph: each quantised group adds a known error; the search must leave the worst ones
     in float (most sensitive first) and stop as soon as the probe target is reached."""
