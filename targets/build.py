@@ -313,7 +313,9 @@ def compile_engine(
     t_start = time.perf_counter()
     target = get(cfg.target)
     mcfg = model.config
-    static = not hasattr(model, "encoder")  # a static student: token table + mean pooling, no transformer
+    from moe2edge.student.static import StaticModel  # here: importing targets.build stays torch-free
+
+    static = isinstance(model, StaticModel)  # a static student: token table + mean pooling, no transformer
     if static and cfg.target == "tensorrt":
         raise TargetError("a static student has no transformer to build a TensorRT engine for; compile it with "
                           "--target onnx or --target openvino (a table lookup + mean runs on any CPU)")
