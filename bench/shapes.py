@@ -15,14 +15,13 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 
 
 def child(engine: str, bucket: int, n: int, n32: int) -> dict:
     import numpy as np
 
     from moe2edge.data.benchtext import load_bench_texts
-    from moe2edge.data.evaluate import texts_of_n_tokens
+    from moe2edge.data.evaluate import texts_of_n_tokens, time_ms
     from moe2edge.targets.runtime import load_engine
 
     texts = [r["text"] for r in load_bench_texts()]
@@ -32,12 +31,7 @@ def child(engine: str, bucket: int, n: int, n32: int) -> dict:
         e.encode([t], batch_size=1)
 
     def timed(items, bs):
-        ms = []
-        for x in items:
-            t0 = time.perf_counter()
-            e.encode(x, batch_size=bs)
-            ms.append((time.perf_counter() - t0) * 1000)
-        return float(np.median(ms))
+        return float(np.median([time_ms(lambda: e.encode(x, batch_size=bs)) for x in items]))
 
     from moe2edge.data.evaluate import token_counter
 

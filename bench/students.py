@@ -239,7 +239,7 @@ def ablate_static(teacher, pairs, ds, base, t_q, t_d) -> list[dict]:
 
 def cmd_latency(args) -> int:
     """Interleaved rounds over all models (fair on a noisy shared box): median ms of b1 and b32 x 128 tokens."""
-    from moe2edge.data.evaluate import texts_of_n_tokens, token_counter
+    from moe2edge.data.evaluate import texts_of_n_tokens, time_ms, token_counter
     from moe2edge.student import load_student
 
     torch.set_num_threads(1)
@@ -252,13 +252,8 @@ def cmd_latency(args) -> int:
         m.encode(t, batch_size=32)
     for _ in range(args.rounds):
         for p, m, t in zip(paths, models, texts):
-            for _ in range(5):
-                t0 = time.perf_counter()
-                m.encode(t[:1], batch_size=1)
-                ms[p]["b1"].append((time.perf_counter() - t0) * 1e3)
-            t0 = time.perf_counter()
-            m.encode(t, batch_size=32)
-            ms[p]["b32"].append((time.perf_counter() - t0) * 1e3)
+            ms[p]["b1"] += [time_ms(lambda: m.encode(t[:1], batch_size=1)) for _ in range(5)]
+            ms[p]["b32"].append(time_ms(lambda: m.encode(t, batch_size=32)))
     out = {p: {k: float(np.median(v)) for k, v in d.items()} for p, d in ms.items()}
     base = out[args.teacher]
     for p, d in out.items():

@@ -113,8 +113,7 @@ def main() -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     import torch
 
-    from moe2edge.data.installed import installed_text_sets
-    from moe2edge.data.textsets import split_descriptions
+    from moe2edge.data.installed import compile_text_sets
     from moe2edge.targets.base import CompileConfig, TargetError
     from moe2edge.targets.bench import bench, table
     from moe2edge.targets.build import compile_engine
@@ -126,12 +125,7 @@ def main() -> int:
     if a.table:
         print(int8_table(json.loads((work / "results.json").read_text())))
         return 0
-    sets, split = installed_text_sets()
-    halves, hrep = split_descriptions(sets["probe"], shares={"a": 1, "b": 1})
-    split["probe_halves"] = hrep["sizes"]
-    verify = [(d.short, d.long) for d in sets["verify"]][:200]
-    calib = [t for d in sets["calibration"] for t in (d.short, d.long)]
-    probe = tuple([t for d in halves[h] for t in (d.short, d.long)] for h in ("a", "b"))
+    verify, calib, probe, split = compile_text_sets(verify_pairs=200)
     results = {"verify_pairs": len(verify), "calibration_texts": len(calib), "probe_texts": [len(x) for x in probe],
                "text_split": split, "models": {}}
     if (work / "results.json").exists():  # rerunning some variants updates their rows, keeps the others

@@ -147,16 +147,9 @@ def _text_sets(args) -> tuple[list, list, tuple | None, dict | None]:
     dpkg sets are not read (--calibration dpkg is then refused)."""
     if args.verify_file:
         return read_verify_file(args.verify_file)[: args.verify_pairs], [], None, {"verification": args.verify_file}
-    from moe2edge.data.installed import installed_text_sets
-    from moe2edge.data.textsets import split_descriptions
+    from moe2edge.data.installed import compile_text_sets
 
-    sets, report = installed_text_sets()
-    halves, hrep = split_descriptions(sets["probe"], shares={"a": 1, "b": 1})
-    report["probe_halves"] = hrep["sizes"]
-    verify = [(d.short, d.long) for d in sets["verify"]][: args.verify_pairs]
-    calib = [t for d in sets["calibration"] for t in (d.short, d.long)]
-    probe = tuple([t for d in halves[h] for t in (d.short, d.long)] for h in ("a", "b"))
-    return verify, calib, probe, report
+    return compile_text_sets(verify_pairs=args.verify_pairs)
 
 
 def run(args) -> int:

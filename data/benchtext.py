@@ -28,6 +28,7 @@ import hashlib
 import json
 from pathlib import Path
 
+
 DEFAULT_DIR = Path(__file__).resolve().parents[1] / "benchmarks" / "benchtext-v1"
 MIN_TOKENS, MAX_TOKENS, MEDIAN_TOKENS = 110, 225, 128
 PER_LANGUAGE = 30
@@ -37,6 +38,8 @@ SCHEMA = "moe2edge.benchtext/v1"
 def build_bench_texts(lists_dir: str | Path, tokenizer_file: str | Path, *, status_file=None,
                       per_language: int = PER_LANGUAGE, seed: int = 13) -> tuple[list[dict], dict]:
     """-> (rows {text, language, tokens, group}, report). Deterministic for the same lists + tokenizer."""
+    # The builder's imports stay here: the latency child imports this module for load_bench_texts only,
+    # and the Debian readers would add ~2 MB to the peak RSS it reports.
     from tokenizers import Tokenizer as HFTokenizer
 
     from moe2edge.data.debian import BuildConfig, _rank, group_units, read_lists, split_units, unit_keys
@@ -95,13 +98,14 @@ def build_bench_texts(lists_dir: str | Path, tokenizer_file: str | Path, *, stat
 
 
 def write_bench_texts(out_dir: str | Path, rows: list[dict], report: dict) -> Path:
-    from moe2edge.data.debian import _jsonl_bytes, write_atomic
+    from moe2edge._io import atomic_write_bytes
+    from moe2edge.data.debian import _jsonl_bytes
 
     out = Path(out_dir)
     data = _jsonl_bytes(rows, gz=True)
-    write_atomic(out / "texts.jsonl.gz", data)
+    atomic_write_bytes(out / "texts.jsonl.gz", data)
     report = {**report, "sha256": hashlib.sha256(data).hexdigest()}
-    write_atomic(out / "manifest.json", (json.dumps(report, ensure_ascii=False, indent=2, sort_keys=True) + "\n").encode())
+    atomic_write_bytes(out / "manifest.json", (json.dumps(report, ensure_ascii=False, indent=2, sort_keys=True) + "\n").encode())
     return out
 
 
@@ -133,23 +137,3 @@ def split_for_latency(texts: list[str], *, batch_sizes=(1, 32), repeats: dict | 
         out[bs] = [texts[pos + i * bs: pos + (i + 1) * bs] for i in range(n)]
         pos += n * bs
     return out
-
-
-def _main(argv=None) -> int:
-    import argparse
-
-    from moe2edge.teacher.e5_import import e5_checkpoint
-
-    p = argparse.ArgumentParser(description="build the frozen latency text set (benchmarks/benchtext-v1)")
-    p.add_argument("--lists", default=".cache/moe2edge/debian-bookworm/lists")
-    p.add_argument("--out", default=str(DEFAULT_DIR))
-    p.add_argument("--per-language", type=int, default=PER_LANGUAGE)
-    a = p.parse_args(argv)
-    rows, report = build_bench_texts(a.lists, e5_checkpoint() / "tokenizer.json", per_language=a.per_language)
-    write_bench_texts(a.out, rows, report)
-    print(json.dumps({k: report[k] for k in ("texts", "per_language", "tokens")}))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(_main())

@@ -34,7 +34,6 @@ import io
 import json
 import logging
 import lzma
-import os
 import re
 import shutil
 import subprocess
@@ -45,6 +44,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from moe2edge._io import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -396,13 +397,6 @@ def _dumps(obj) -> str:
     return json.dumps(obj, ensure_ascii=False, sort_keys=True, separators=(",", ":"))
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def _jsonl_bytes(rows: list[dict], gz: bool) -> bytes:
     raw = "".join(_dumps(r) + "\n" for r in rows).encode("utf-8")
     if not gz:
@@ -421,7 +415,7 @@ def write_beir(out: Path, corpus: list[dict], queries: list[dict], qrels: list[t
              "qrels/test.tsv": ("query-id\tcorpus-id\tscore\n" +
                                 "".join(f"{q}\t{d}\t{s}\n" for q, d, s in qrels)).encode()}
     for rel, data in files.items():
-        write_atomic(out / rel, data)
+        atomic_write_bytes(out / rel, data)
     return {rel: hashlib.sha256(data).hexdigest() for rel, data in files.items()}
 
 
@@ -549,7 +543,7 @@ def build_debian(*, lists_dir: str | Path, out_dir: str | Path, benchmark_dir: s
 
     bench_files = write_beir(bench_dir, corpus, queries, qrels, gz=True)
     pairs_bytes = _jsonl_bytes(pairs, gz=False)
-    write_atomic(out_dir / "train" / "pairs.jsonl", pairs_bytes)
+    atomic_write_bytes(out_dir / "train" / "pairs.jsonl", pairs_bytes)
     from moe2edge import __version__
 
     manifest = {
@@ -562,8 +556,8 @@ def build_debian(*, lists_dir: str | Path, out_dir: str | Path, benchmark_dir: s
                   "sha256": hashlib.sha256(pairs_bytes).hexdigest()},
     }
     data = (json.dumps(manifest, ensure_ascii=False, sort_keys=True, indent=2) + "\n").encode()
-    write_atomic(bench_dir / "manifest.json", data)
-    write_atomic(out_dir / "manifest.json", data)
+    atomic_write_bytes(bench_dir / "manifest.json", data)
+    atomic_write_bytes(out_dir / "manifest.json", data)
     return manifest
 
 
@@ -618,9 +612,9 @@ def make_fixture_lists(lists_dir: str | Path, out_dir: str | Path, *, n_sources:
         with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=9) as f:
             f.write(data)
         path = out_dir / (prefix + rel.replace("/", "_") + ".gz")
-        write_atomic(path, buf.getvalue())
+        atomic_write_bytes(path, buf.getvalue())
         files.append(path)
     head = "".join(f"{k}: {info[k]}\n" for k in ("Origin", "Suite", "Codename", "Version", "Date") if k in info)
     rel_path = out_dir / (prefix + "Release")
-    write_atomic(rel_path, (head + "SHA256:\n" + "\n".join(sha_lines) + "\n").encode())
+    atomic_write_bytes(rel_path, (head + "SHA256:\n" + "\n".join(sha_lines) + "\n").encode())
     return [rel_path, *files]

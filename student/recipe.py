@@ -147,7 +147,7 @@ def distill_from_config(cfg: dict, *, teacher_path: str | Path, out: str | Path,
                         force: bool = False):
     """Run one recipe end to end; returns (student, manifest). ``out`` gets the student folder (an existing one
     is replaced only if it is a student folder this tool wrote, unless ``force``)."""
-    from moe2edge.compile.recipes import load_training_pairs
+    from moe2edge.teacher.pairs import load_training_pairs
     from moe2edge.student.calibration import calibrate
     from moe2edge.student.distill import DistillLoss, distill, manifest, save_student
     from moe2edge.student.static import StaticEmbedder

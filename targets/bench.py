@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from moe2edge._io import tree_bytes
+from moe2edge.data.evaluate import measure_latency, peak_rss_mb, set_threads, time_ms, token_counter
 from moe2edge.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -27,24 +29,6 @@ SCHEMA = "moe2edge.bench/v1"
 
 class BenchError(UserError):
     """A model could not be measured because of its input (the child process said why, in one line)."""
-
-
-def peak_rss_mb() -> float:
-    """This process's own peak RSS (VmHWM). Not getrusage: Linux carries ru_maxrss across fork + exec, so a
-    child started by a big parent would report the parent's peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def _dir_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
 def _load(kind: str, path: Path, threads: int):
@@ -90,8 +74,6 @@ def serve(kind: str, path: str | Path, *, threads: int = 1, inp=None, out=None) 
 
     {"op": "threads", "n"} | {"op": "encode", "texts", "batch"} -> {"ms"} | {"op": "fixed", "threads", "repeats",
     "seq_len"} -> measure_latency | {"op": "info", "texts"} -> name, sizes, peak RSS, token counts."""
-    from moe2edge.data.evaluate import measure_latency, set_threads, token_counter
-
     inp, out = inp or sys.stdin, out or sys.stdout
     path = Path(path)
     t0 = time.perf_counter()
@@ -105,9 +87,7 @@ def serve(kind: str, path: str | Path, *, threads: int = 1, inp=None, out=None) 
             set_threads(model, int(req["n"]))
             res = {"ok": True}
         elif op == "encode":
-            t = time.perf_counter()
-            model.encode(req["texts"], batch_size=int(req["batch"]))
-            res = {"ms": (time.perf_counter() - t) * 1000}
+            res = {"ms": time_ms(lambda: model.encode(req["texts"], batch_size=int(req["batch"])))}
         elif op == "fixed":
             res = measure_latency(model, seq_len=req["seq_len"], batch_sizes=tuple(req["batch_sizes"]),
                                   threads=list(req["threads"]), repeats={int(k): v for k, v in req["repeats"].items()})
@@ -115,7 +95,7 @@ def serve(kind: str, path: str | Path, *, threads: int = 1, inp=None, out=None) 
             count = token_counter(model)
             toks = sorted(count(t) for t in req.get("texts", [])) if count else []
             res = {"name": path.name, "path": str(path), "kind": kind, **info, "peak_rss_mb": round(peak_rss_mb(), 1),
-                   "model_bytes": _model_bytes(path, kind), "folder_bytes": _dir_bytes(path),
+                   "model_bytes": _model_bytes(path, kind), "folder_bytes": tree_bytes(path),
                    "tokens": {"min": toks[0], "median": toks[len(toks) // 2], "max": toks[-1]} if toks else None}
         else:
             raise ValueError(f"unknown request {op!r}")

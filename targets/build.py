@@ -37,7 +37,7 @@ from moe2edge._text import check_text_pairs
 from moe2edge.targets.base import (
     Artifact, CalibrationError, CompileConfig, Sample, TargetError, TargetUnavailableError, VerificationError, get,
 )
-from moe2edge.targets.gates import cosines, gate_problems, ndcg_rel_loss, sqnr_db, thresholds
+from moe2edge.targets.gates import gate_problems, ndcg_rel_loss, parity, thresholds
 from moe2edge.targets.runtime import ENGINE_FILE, ENGINE_FORMAT, Tokenizer, encode_batches, load_engine
 
 log = logging.getLogger(__name__)
@@ -159,15 +159,6 @@ def ndcg10_diagonal(q: np.ndarray, d: np.ndarray) -> float:
     own = np.diag(s)[:, None]
     rank = (s > own).sum(1)  # 0-based rank of the own document (ties in its favour)
     return float(np.mean(np.where(rank < 10, 1.0 / np.log2(rank + 2), 0.0)))
-
-
-def parity(ref: np.ndarray, got: np.ndarray) -> dict:
-    finite = bool(np.isfinite(got).all() and np.isfinite(ref).all())
-    cos = cosines(ref, got)
-    return {"n": int(len(ref)), "finite": finite, "cos_mean": float(np.mean(cos)) if finite else float("nan"),
-            "cos_min": float(np.min(cos)) if finite else float("nan"),
-            "max_abs": float(np.max(np.abs(ref - got))) if finite else float("nan"),
-            "sqnr_db": sqnr_db(ref, got) if finite else float("nan")}
 
 
 def _rounded(res: dict) -> dict:
@@ -322,7 +313,9 @@ def compile_engine(
     t_start = time.perf_counter()
     target = get(cfg.target)
     mcfg = model.config
-    static = not hasattr(model, "encoder")  # a static student: token table + mean pooling, no transformer
+    from moe2edge.student.static import StaticModel  # here: importing targets.build stays torch-free
+
+    static = isinstance(model, StaticModel)  # a static student: token table + mean pooling, no transformer
     if static and cfg.target == "tensorrt":
         raise TargetError("a static student has no transformer to build a TensorRT engine for; compile it with "
                           "--target onnx or --target openvino (a table lookup + mean runs on any CPU)")

@@ -40,6 +40,17 @@ def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
     return float("inf") if noise == 0 else 20.0 * math.log10(max(signal, 1e-30) / noise)
 
 
+def parity(ref: np.ndarray, got: np.ndarray) -> dict:
+    """The parity record of (N, D) engine rows ``got`` against reference rows ``ref``: n, finite, cosine
+    mean / min, max-abs, set-level SQNR (NaN where either side is not finite)."""
+    finite = bool(np.isfinite(got).all() and np.isfinite(ref).all())
+    cos = cosines(ref, got)
+    return {"n": int(len(ref)), "finite": finite, "cos_mean": float(np.mean(cos)) if finite else float("nan"),
+            "cos_min": float(np.min(cos)) if finite else float("nan"),
+            "max_abs": float(np.max(np.abs(ref - got))) if finite else float("nan"),
+            "sqnr_db": sqnr_db(ref, got) if finite else float("nan")}
+
+
 def cos_to_db(cos: float) -> float:
     """The SQNR of one unit row at cosine ``cos``: -10 log10(2 (1 - cos))."""
     err = 2.0 * (1.0 - cos)
@@ -57,7 +68,7 @@ def thresholds(cfg) -> dict:
 
 
 def gate_problems(res: dict, thr: dict) -> list[str]:
-    """What fails in a parity record ``res`` (keys of ``build.parity`` + nDCG) against ``thr`` (``thresholds``);
+    """What fails in a parity record ``res`` (keys of ``parity`` + nDCG) against ``thr`` (``thresholds``);
     each entry names the measured value and the threshold."""
     if not res.get("finite", True):
         return ["non-finite embeddings"]

@@ -32,7 +32,7 @@ from typing import Callable
 
 import numpy as np
 
-from moe2edge.targets.gates import gate_problems
+from moe2edge.targets.gates import gate_problems, parity
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,6 @@ def write_bundle(engine_dir: Path, batches: list[tuple[np.ndarray, np.ndarray]],
     return path
 
 
-def _parity(ref: np.ndarray, got: np.ndarray) -> dict:
-    from moe2edge.targets.build import parity
-
-    return parity(ref, got)
-
-
 def verify_plan(run: Callable[[np.ndarray, np.ndarray], np.ndarray], bundle: str | Path) -> dict:
     """Run ``run(ids, mask) -> (B, D)`` on the bundle; -> {"passed", "problems", "vs_pytorch", "vs_qdq_onnx",
     "thresholds"}. The gates are the compile's, against PyTorch fp32; agreement with the Q/DQ ONNX is recorded."""
@@ -78,7 +72,7 @@ def verify_plan(run: Callable[[np.ndarray, np.ndarray], np.ndarray], bundle: str
     ref, qdq = z["torch_ref"], z["qdq_ref"]
     if got.shape != ref.shape:
         return {"passed": False, "problems": [f"output shape {got.shape} != {ref.shape}"], "thresholds": thr}
-    vs_torch, vs_qdq = _parity(ref, got), _parity(qdq, got)
+    vs_torch, vs_qdq = parity(ref, got), parity(qdq, got)
     problems = gate_problems(vs_torch, {**thr, "ndcg_rel_loss": None})  # no pairs in the bundle: no nDCG here
     return {"passed": not problems, "problems": problems, "thresholds": thr, "vs_pytorch": vs_torch,
             "vs_qdq_onnx": vs_qdq, "texts": int(len(ref))}

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from moe2edge._io import tree_bytes
 from moe2edge._text import Tokenizer, check_encode_args, check_texts  # noqa: F401 (Tokenizer: re-exported)
 from moe2edge.errors import UserError
 
@@ -229,7 +230,7 @@ class EngineEmbedder:
             raise ValueError(f"shape_buckets must be an integer >= 0, got {shape_buckets!r}")
         self.shape_buckets = shape_buckets
         self.engine = self._open(threads)
-        self.artifact_bytes = sum(p.stat().st_size for p in self.folder.rglob("*") if p.is_file())
+        self.artifact_bytes = tree_bytes(self.folder)
 
     def _open(self, threads: int):
         kw = {"output_name": self.spec.get("output_name", "sentence_embedding")}

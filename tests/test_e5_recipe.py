@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moe2edge.compile.recipes import load_config
-from moe2edge.data.installed import installed_descriptions
+from tests.fixture_text import fixture_descriptions
 from moe2edge.data.mining import CachedEncoder, consistency_filter, mine_hard_negatives, prepare_pairs
 from moe2edge.data.readers import Pair
 
@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def real_pairs():
-    return [Pair(q, d, language="en") for q, d in installed_descriptions(limit=60)]
+    return [Pair(q, d, language="en") for q, d in fixture_descriptions(limit=60)]
 
 
 class Counting:
@@ -62,7 +62,7 @@ def test_centred_routers_keep_the_exact_start_and_balance_load(minilm):
     from moe2edge.teacher import expert_load, upcycle
     from moe2edge.teacher.router_init import center_routers
 
-    texts = [f"{q} {d}" for q, d in installed_descriptions(limit=24)]
+    texts = [f"{q} {d}" for q, d in fixture_descriptions(limit=24)]
     ids, mask, _ = minilm.tokenizer(texts)
     moe = upcycle(minilm.model, keep_biases=True, normalize=True, router_std=0.02)
     with torch.no_grad():

@@ -35,9 +35,9 @@ ATOL = 1e-5
 @pytest.fixture(scope="module")
 def texts():
     """Real text: package descriptions (short and long, so batches pad), one over max_seq_length, non-ASCII."""
-    from moe2edge.data.installed import installed_descriptions
+    from tests.fixture_text import fixture_descriptions
 
-    t = [x for p in installed_descriptions(limit=20) for x in p]
+    t = [x for p in fixture_descriptions(limit=20) for x in p]
     return t + ["Bibliothèque d'accès aux données — für Übersetzungen, ½ naïve café", "word " * 200]
 
 
@@ -146,11 +146,11 @@ def _unigram_tokenizer(path: Path, texts: list[str]) -> Path:
 
 @pytest.mark.slow
 def test_sentencepiece_student_gets_a_tokenizer_config_and_matches(texts, tmp_path):
-    from moe2edge.data.installed import installed_descriptions
+    from tests.fixture_text import fixture_descriptions
     from moe2edge.teacher.checkpoint import save_pretrained
     from moe2edge.teacher.model import NomicMoE, get_preset
 
-    train = [x for p in installed_descriptions(limit=200) for x in p]
+    train = [x for p in fixture_descriptions(limit=200) for x in p]
     tok_dir = _unigram_tokenizer(tmp_path / "tok", train)
     from tokenizers import Tokenizer
 

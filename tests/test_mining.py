@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from moe2edge.compile.recipes import load_config, load_training_pairs
-from moe2edge.data.installed import installed_descriptions
+from tests.fixture_text import fixture_descriptions
 from moe2edge.data.mining import consistency_filter, mine_hard_negatives, write_pairs
 from moe2edge.data.readers import Pair, read_pairs
 
 
 @pytest.fixture(scope="module")
 def real_pairs():
-    return [Pair(q, d, language="en") for q, d in installed_descriptions(limit=60)]
+    return [Pair(q, d, language="en") for q, d in fixture_descriptions(limit=60)]
 
 
 def test_consistency_filter_keeps_exactly_the_top_k_pairs(minilm, real_pairs):

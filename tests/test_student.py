@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from moe2edge.data.installed import installed_descriptions
+from tests.fixture_text import fixture_descriptions
 from moe2edge.data.readers import Pair
 from moe2edge.student import calibrate, densify, prune_experts
 from moe2edge.student.distill import Distiller, DistillLoss, distill, load_student, manifest, save_student
@@ -33,12 +33,12 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def texts():
-    return [long[:240] for _, long in installed_descriptions(limit=24)]
+    return [long[:240] for _, long in fixture_descriptions(limit=24)]
 
 
 @pytest.fixture(scope="module")
 def pairs():
-    return [Pair(query=s, positive=long[:300], language="en") for s, long in installed_descriptions(limit=32)]
+    return [Pair(query=s, positive=long[:300], language="en") for s, long in fixture_descriptions(limit=32)]
 
 
 def _perturb_experts(moe: NomicMoE, seed: int = 0) -> NomicMoE:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from moe2edge.data.installed import installed_descriptions
+from tests.fixture_text import fixture_descriptions
 from moe2edge.data.readers import Pair
 from moe2edge.teacher import NomicMoE, get_preset
 from moe2edge.teacher.checkpoint import CheckpointError
@@ -25,7 +25,7 @@ def tiny_embedder(seed: int = 0, **overrides) -> Embedder:
 
 @pytest.fixture(scope="module")
 def pairs() -> list[Pair]:
-    d = installed_descriptions(limit=64)
+    d = fixture_descriptions(limit=64)
     # hard negatives: the next descriptions in sorted order (real text, distinct packages)
     return [Pair(q, p, negatives=(d[(i + 1) % len(d)][1], d[(i + 2) % len(d)][1])) for i, (q, p) in enumerate(d)]
 
