@@ -40,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+from moe2edge._io import tree_bytes  # torch-free: this parent's RSS stays ~30 MB (run_measured)
+
 ROOT = Path(__file__).resolve().parents[1]
 PRESET = "nomic-embed-text-v2-moe"
 MOE2EDGE = [sys.executable, "-m", "moe2edge.compile.cli"]
@@ -61,10 +63,6 @@ PATHS: dict[str, list[str]] = {
     "failures": [],  # failures()
 }
 BENCH_REPEATS = ("10", "3")  # b1, b32 calls per model: a b32 call of the fp32 teacher is ~20 s at this shape
-
-
-def folder_size(path: Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file()) if Path(path).exists() else 0
 
 
 def run_measured(cmd: list[str], log_file: Path) -> dict:
@@ -258,7 +256,7 @@ def main(argv=None) -> int:
         if r["returncode"] != 0:
             print(f"writing the checkpoint failed: {r['last_line']}", file=sys.stderr)
             return 1
-        results["checkpoint"] = {**r, "size_bytes": folder_size(ckpt)}
+        results["checkpoint"] = {**r, "size_bytes": tree_bytes(ckpt)}
         results_file.write_text(json.dumps(results, indent=2) + "\n")
     print(f"checkpoint {ckpt}: {results['checkpoint']['seconds']} s, {results['checkpoint']['peak_rss_mb']} MB peak",
           flush=True)
@@ -278,7 +276,7 @@ def main(argv=None) -> int:
         cmd = MOE2EDGE + PATHS[name] + [flag, str(ckpt), "--out", str(dest), "--force"]
         print(f"{name}: {shlex.join(cmd[2:])} ...", flush=True)
         r = run_measured(cmd, args.out / f"{name}.log")
-        r["size_bytes"] = folder_size(dest) if r["returncode"] == 0 else 0
+        r["size_bytes"] = tree_bytes(dest) if r["returncode"] == 0 else 0
         if r["returncode"] == 0 and (dest / "manifest.json").exists():
             r["parity"] = engine_record(dest)
         results[name] = r
